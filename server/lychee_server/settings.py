@@ -1,0 +1,103 @@
+"""One frozen settings object for the whole server.
+
+Every field is a ``lychee-rerank serve`` flag and a ``LYCHEE_<FIELD>`` environment variable
+(pydantic-settings). It is built once in the CLI and passed down; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lychee_server.domain import DEFAULT_MAX_LENGTH
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LYCHEE_", frozen=True, extra="forbid")
+
+    # --- model / engine -------------------------------------------------------------
+    model: str = Field("vec-ai/lychee-rerank-mm", description="Local checkpoint directory or hub id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="'auto' = flash_attention_2 when flash-attn is installed on CUDA, else sdpa."
+    )
+    load_in_4bit: bool = Field(False, description="4-bit weights via bitsandbytes (CUDA only).")
+    random_weights: bool = Field(
+        False, description="Build the model from its config with random weights (benchmarks only)."
+    )
+    min_pixels: int = Field(4 * 28 * 28, ge=4 * 28 * 28, description="Processor lower bound on image pixels.")
+    max_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28, description="Processor upper bound on image pixels.")
+    vision_cache_entries: int = Field(
+        2048, ge=0, description="Vision-tower outputs kept, keyed by image content hash (0 = off)."
+    )
+    decode_threads: int = Field(4, ge=1, description="CPU threads that decode and preprocess images.")
+
+    # --- request limits (reported by GetServerInfo) --------------------------------
+    max_documents: int = Field(1000, ge=1, description="Documents per request.")
+    max_instruction_bytes: int = Field(4 * KiB, ge=1, description="UTF-8 bytes of the instruction.")
+    max_text_bytes: int = Field(256 * KiB, ge=1, description="UTF-8 bytes of one query or document text.")
+    max_image_bytes: int = Field(16 * MiB, ge=1, description="Encoded bytes of one image.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Decoded pixels of one image (decompression-bomb guard)."
+    )
+    max_id_bytes: int = Field(256, ge=1, description="UTF-8 bytes of a document id.")
+    max_message_bytes: int = Field(16 * MiB, ge=1 * MiB, description="Largest single gRPC message accepted.")
+    max_request_bytes: int = Field(
+        512 * MiB, ge=1 * MiB, description="Total payload bytes of one streamed request."
+    )
+    max_chunk_bytes: int = Field(256 * KiB, ge=1, le=256 * KiB, description="Largest stream chunk.")
+    max_length: int = Field(8192, ge=64, description="Upper bound a request may ask for as max_length.")
+    default_max_length: int = Field(DEFAULT_MAX_LENGTH, ge=64, description="max_length when a request sets none.")
+
+    # --- scheduler -----------------------------------------------------------------
+    batch_token_budget: int = Field(16384, ge=64, description="Tokens per forward batch (padded).")
+    max_batch_pairs: int = Field(64, ge=1, description="Pairs per forward batch.")
+    max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
+    max_inflight_pairs: int = Field(4096, ge=1, description="Admitted pairs before RESOURCE_EXHAUSTED.")
+    retry_after_s: float = Field(0.5, ge=0, description="RetryInfo delay sent with RESOURCE_EXHAUSTED.")
+
+    # --- transport / security ------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind (use 0.0.0.0 in containers).")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    metrics_port: int | None = Field(9400, description="Prometheus /metrics port (unset = no metrics).")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
+    tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS).")
+    tls_key: Path | None = Field(None, description="PEM server private key.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a cert (mTLS).")
+    api_keys: tuple[SecretStr, ...] = Field((), description="Accepted bearer tokens (empty = no auth).")
+    api_keys_file: Path | None = Field(None, description="File with one accepted bearer token per line.")
+    grace_period_s: float = Field(30.0, ge=0, description="How long in-flight calls may finish on SIGTERM.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(True, description="Structured JSON logs on stderr.")
+    warmup: bool = Field(True, description="Run a warm-up forward before reporting SERVING.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        if self.default_max_length > self.max_length:
+            raise ValueError("default_max_length must not exceed max_length")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        return self
+
+    def all_api_keys(self) -> frozenset[str]:
+        keys = {k.get_secret_value() for k in self.api_keys}
+        if self.api_keys_file is not None:
+            for line in self.api_keys_file.read_text().splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    keys.add(line.strip())
+        return frozenset(keys)
