@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a virtual environment in .venv with the server, the LangChain
+# adapter and the dev tooling installed (editable), plus the Node test client's packages.
+# Idempotent. TORCH_SPEC overrides the torch pin (e.g. TORCH_SPEC="torch torchvision" on a
+# GPU host with its own CUDA wheels); the default pin is the release this workplace carries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+.venv/bin/python -m pip install -q -e ".[server,langchain,dev]"
+if command -v npm >/dev/null 2>&1; then
+  (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+else
+  echo "install.sh: npm not found; the Node client test will be skipped" >&2
+fi
+echo "installed: $(.venv/bin/lychee-rerank --help | head -1)"

@@ -1,0 +1,161 @@
+"""``lychee-rerank``: serve, rank, bench, make-test-checkpoint.
+
+``serve`` flags are generated from :class:`lychee_server.settings.Settings`, so every knob is
+both a ``--flag`` and a ``LYCHEE_*`` environment variable, documented once (in the field's
+description). A flag given on the command line wins over the environment; the resulting
+frozen Settings object is the only configuration any part of the server sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from lychee_server.settings import Settings
+
+
+def _field_kind(annotation: Any) -> tuple[str, Any]:
+    """Classify a Settings field annotation for argparse: (kind, payload)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _field_kind(args[0])
+    if annotation is bool:
+        return "bool", None
+    if origin is typing.Literal:
+        return "choice", list(typing.get_args(annotation))
+    if origin is tuple:
+        return "list", args[0] if args else str
+    if annotation in (int, float):
+        return "scalar", annotation
+    return "scalar", str  # str, Path, SecretStr: pydantic converts
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per Settings field; defaults stay None so the environment can fill them."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        if isinstance(default, tuple):
+            default = "none" if not default else "(set)"
+        help_text = f"{field.description or ''} [env LYCHEE_{name.upper()}; default {default}]"
+        kind, payload = _field_kind(field.annotation)
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif kind == "choice":
+            parser.add_argument(flag, dest=name, choices=payload, default=None, help=help_text)
+        elif kind == "list":
+            parser.add_argument(flag.rstrip("s"), dest=name, action="append", default=None,
+                                help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, dest=name, type=payload, default=None, help=help_text)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    given: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(ns, name, None)
+        if value is None:
+            continue
+        if name == "api_keys":
+            value = tuple(SecretStr(v) for v in value)
+        given[name] = value
+    return Settings(**given)
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from lychee_server.app import run_server
+
+    return run_server(settings_from_args(ns))
+
+
+def _cmd_make_checkpoint(ns: argparse.Namespace) -> int:
+    from lychee_server.engine.checkpoint import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(Path(ns.directory), seed=ns.seed)
+    print(path)
+    return 0
+
+
+def _cmd_bench(ns: argparse.Namespace) -> int:
+    from lychee_server.bench import run_bench
+
+    return int(run_bench(ns))
+
+
+def _cmd_rank(ns: argparse.Namespace) -> int:
+    from lychee_server.rank import run_rank
+
+    return run_rank(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lychee-rerank",
+        description="Serve and use the Lychee multimodal reranker over gRPC.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the lychee.rerank.v1 gRPC server. Every flag is also a LYCHEE_* variable.",
+    )
+    add_settings_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    rank = sub.add_parser(
+        "rank",
+        help="rank files/folders/globs of images and text files against a query",
+        description="Rank documents (image and text files) against a text and/or image query, "
+        "through a running server (--target) or in-process (--model).",
+    )
+    try:
+        from lychee_server.rank import add_rank_arguments
+    except ImportError:  # pragma: no cover - rank needs the client package
+        pass
+    else:
+        add_rank_arguments(rank)
+    rank.set_defaults(func=_cmd_rank)
+
+    bench = sub.add_parser("bench", help="run the benchmark workloads (not a test)")
+    try:
+        from lychee_server.bench import add_bench_arguments
+    except ImportError:  # pragma: no cover - bench lands with the engine
+        pass
+    else:
+        add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    mk = sub.add_parser(
+        "make-test-checkpoint",
+        help="write a tiny random-weight Qwen2.5-VL checkpoint (for tests; scores mean nothing)",
+    )
+    mk.add_argument("directory", help="output directory")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=_cmd_make_checkpoint)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except ValidationError as err:
+        print(f"lychee-rerank: invalid settings:\n{err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Load the Qwen2.5-VL model and processor from Settings (local dir, hub id, or random weights).
+
+Why here and not in the engine: loading is where every environment problem surfaces (no weights,
+no network, no CUDA for 4-bit, no flash-attn). Each becomes a :class:`ModelLoadError` with a message
+that says what to do, instead of a stack trace from deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lychee_server.errors import Unavailable
+from lychee_server.settings import Settings
+
+__all__ = ["BUILTIN_SHAPES", "LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
+
+
+class ModelLoadError(Unavailable):
+    """The model or processor could not be loaded (reason MODEL_LOAD_FAILED, maps to UNAVAILABLE)."""
+
+    default_reason = "MODEL_LOAD_FAILED"
+
+
+def _shape(
+    layers: int, hidden: int, inter: int, heads: int, kv: int, out_hidden: int, vocab: int = 152064
+) -> dict[str, Any]:
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "use_sliding_window": False,
+    }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **text,
+        "text_config": {"model_type": "qwen2_5_vl_text", **text},
+        "vision_config": {
+            "model_type": "qwen2_5_vl_vision",
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "out_hidden_size": out_hidden,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+            "hidden_act": "silu",
+        },
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": hidden == 2048,
+    }
+
+
+# Real Qwen2.5-VL shapes for ``random_weights`` benchmarks (no download needed for the weights).
+BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-vl-7b": _shape(28, 3584, 18944, 28, 4, 3584),
+    "qwen2.5-vl-3b": _shape(36, 2048, 11008, 16, 2, 2048, vocab=151936),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # Qwen2_5_VLForConditionalGeneration
+    processor: Any  # Qwen2_5_VLProcessor
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+    model_id: str
+    revision: str
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {spec!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def _resolve_attn(spec: str, device: torch.device) -> str:
+    if spec != "auto":
+        return spec
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _set_pixel_bounds(processor: Any, min_pixels: int, max_pixels: int) -> None:
+    ip = processor.image_processor
+    ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(ip, name):
+            setattr(ip, name, value)
+
+
+def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
+    """Load model + processor as ``settings`` say.
+
+    ``shape`` (with ``settings.random_weights``) names a built-in config (``BUILTIN_SHAPES``); the
+    processor then still comes from ``settings.model`` (a local dir or hub id), or from the tiny
+    built-in tokenizer when that is not available, since benchmarks only need token ids.
+    """
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    attn = _resolve_attn(settings.attn_implementation, device)
+    if attn == "flash_attention_2" and dtype == torch.float32:
+        attn = "sdpa"  # flash-attn has no fp32 kernels
+    if settings.load_in_4bit and device.type != "cuda":
+        raise ModelLoadError("load_in_4bit needs CUDA (bitsandbytes 4-bit kernels are GPU-only); drop --load-in-4bit")
+    source = settings.model
+    revision = settings.revision
+    hint = (
+        f"could not load {source!r}: pass a local checkpoint directory as --model, or pre-download it "
+        "(huggingface-cli download vec-ai/lychee-rerank-mm) and set HF_HUB_OFFLINE=1"
+    )
+    try:
+        processor = AutoProcessor.from_pretrained(
+            source, revision=revision, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{hint} ({type(exc).__name__}: {exc})") from exc
+    _set_pixel_bounds(processor, settings.min_pixels, settings.max_pixels)
+
+    try:
+        if settings.random_weights:
+            if shape is not None:
+                if shape not in BUILTIN_SHAPES:
+                    raise ModelLoadError(f"unknown shape {shape!r}; known: {sorted(BUILTIN_SHAPES)}")
+                cfg_dict = dict(BUILTIN_SHAPES[shape])
+                tok_len = len(processor.tokenizer)
+                if tok_len > int(cfg_dict["vocab_size"]):
+                    raise ModelLoadError(f"tokenizer of {source!r} ({tok_len}) does not fit shape {shape!r}")
+                config = Qwen2_5_VLConfig(**cfg_dict)
+            else:
+                cfg_path = Path(source) / "config.json"
+                if cfg_path.is_file():
+                    config = Qwen2_5_VLConfig(**json.loads(cfg_path.read_text()))
+                else:
+                    config = Qwen2_5_VLConfig.from_pretrained(source, revision=revision)
+            config._attn_implementation = attn
+            for sub in ("text_config", "vision_config"):
+                sub_cfg = getattr(config, sub, None)
+                if sub_cfg is not None:
+                    sub_cfg._attn_implementation = attn
+            with torch.device(device):
+                prev = torch.get_default_dtype()
+                torch.set_default_dtype(dtype)
+                try:
+                    model = Qwen2_5_VLForConditionalGeneration(config)
+                finally:
+                    torch.set_default_dtype(prev)
+            model = model.to(device=device, dtype=dtype)
+        else:
+            kwargs: dict[str, Any] = {"revision": revision, "attn_implementation": attn}
+            if settings.load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+                )
+                kwargs["device_map"] = {"": device.index or 0}
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
+            if not settings.load_in_4bit:
+                model = model.to(device)
+    except ModelLoadError:
+        raise
+    except OSError as exc:
+        raise ModelLoadError(f"{hint} ({type(exc).__name__}: {exc})") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        attn_implementation=attn,
+        model_id=source if shape is None else f"random:{shape}",
+        revision=revision or "",
+    )
