@@ -13,7 +13,6 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
@@ -48,13 +47,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description or ''} [env LYCHEE_{name.upper()}; default {default}]"
         kind, payload = _field_kind(field.annotation)
         if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif kind == "choice":
             parser.add_argument(flag, dest=name, choices=payload, default=None, help=help_text)
         elif kind == "list":
-            parser.add_argument(flag.rstrip("s"), dest=name, action="append", default=None,
-                                help=help_text + " (repeatable)")
+            parser.add_argument(
+                flag.rstrip("s"), dest=name, action="append", default=None, help=help_text + " (repeatable)"
+            )
         else:
             parser.add_argument(flag, dest=name, type=payload, default=None, help=help_text)
 
@@ -78,11 +79,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_make_checkpoint(ns: argparse.Namespace) -> int:
-    from lychee_server.engine.checkpoint import build_tiny_checkpoint
+    from lychee_server.engine.checkpoint import main_make_checkpoint
 
-    path = build_tiny_checkpoint(Path(ns.directory), seed=ns.seed)
-    print(path)
-    return 0
+    return main_make_checkpoint([ns.directory, "--seed", str(ns.seed)])
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """Model code: the Lychee recipe on Qwen2.5-VL (never imports grpc).
 
-``load_engine(settings)`` is the one way the server builds an engine.
+``load_engine(settings)`` is the one way the server builds an engine; ``engine.qwen`` holds the
+optimized engine, ``engine.recipe`` the prompt recipe, ``engine.images`` image decoding,
+``engine.loading`` model loading and ``engine.checkpoint`` the tiny test checkpoint builder.
 """
 
 from __future__ import annotations
@@ -8,10 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lychee_server.engine.interface import Engine
+    from lychee_server.engine.qwen import QwenRerankEngine
     from lychee_server.settings import Settings
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Load the model named by ``settings.model`` and return the optimized engine."""
-    raise NotImplementedError("engine loading lands with the scoring-engine work")
+def load_engine(settings: Settings) -> QwenRerankEngine:
+    """Load the model named by ``settings.model`` and return the optimized engine.
+
+    Raises ``lychee_server.engine.loading.ModelLoadError`` (UNAVAILABLE, reason
+    MODEL_LOAD_FAILED) with an actionable message when the weights cannot be found.
+    """
+    from lychee_server.engine.qwen import QwenRerankEngine
+
+    return QwenRerankEngine.from_settings(settings)

@@ -47,7 +47,7 @@ def _sniff(data: bytes) -> MediaType | None:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is flattened onto white (not black, as a bare convert does)."""
+    """Convert any PIL mode to RGB; transparency goes onto white (a bare convert would make it black)."""
     mode = img.mode
     if mode == "RGB":
         return img
@@ -121,7 +121,11 @@ def decode_image(image: ImageInput, limits: ImageLimits) -> Image.Image:
                     f"image aspect ratio {max(w, h) / min(w, h):.0f} exceeds {MAX_ASPECT_RATIO}",
                     reason="IMAGE_ASPECT_RATIO",
                 )
-            if sniffed is MediaType.JPEG and w * h > 4 * limits.max_pixels and img.mode in ("RGB", "L", "CMYK"):
+            if (
+                sniffed is MediaType.JPEG
+                and w * h > 4 * limits.max_pixels
+                and img.mode in ("RGB", "L", "CMYK")
+            ):
                 # DCT-domain downscale by 1/2..1/8 while staying above 2x the processor target: much
                 # cheaper than decoding 12 MP and resizing; the processor still does the final resize.
                 target = math.sqrt(2 * limits.max_pixels / (w * h))

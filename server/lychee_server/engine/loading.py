@@ -119,8 +119,10 @@ def _resolve_attn(spec: str, device: torch.device) -> str:
 def _set_pixel_bounds(processor: Any, min_pixels: int, max_pixels: int) -> None:
     ip = processor.image_processor
     ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    # Older image processors read min_pixels/max_pixels attributes; newer ones only ``size`` (and warn
+    # when the attributes are set), so only update attributes that are already in use.
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if hasattr(ip, name):
+        if getattr(ip, name, None) is not None:
             setattr(ip, name, value)
 
 
@@ -139,7 +141,9 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
     if attn == "flash_attention_2" and dtype == torch.float32:
         attn = "sdpa"  # flash-attn has no fp32 kernels
     if settings.load_in_4bit and device.type != "cuda":
-        raise ModelLoadError("load_in_4bit needs CUDA (bitsandbytes 4-bit kernels are GPU-only); drop --load-in-4bit")
+        raise ModelLoadError(
+            "load_in_4bit needs CUDA (bitsandbytes 4-bit kernels are GPU-only); drop --load-in-4bit"
+        )
     source = settings.model
     revision = settings.revision
     hint = (

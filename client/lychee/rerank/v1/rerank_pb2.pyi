@@ -162,6 +162,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An unexpected server fault (INTERNAL)."""
     ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 29
     """A request field is malformed in a way no other reason covers."""
+    ERROR_REASON_MODEL_LOAD_FAILED: _ErrorReason.ValueType  # 30
+    """The model could not be loaded (UNAVAILABLE); the message says what to fix."""
+    ERROR_REASON_INVALID_TEXT: _ErrorReason.ValueType  # 31
+    """Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every google.rpc.ErrorInfo.reason the service returns. The reason
@@ -228,6 +232,10 @@ ERROR_REASON_INTERNAL_ERROR: ErrorReason.ValueType  # 28
 """An unexpected server fault (INTERNAL)."""
 ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 29
 """A request field is malformed in a way no other reason covers."""
+ERROR_REASON_MODEL_LOAD_FAILED: ErrorReason.ValueType  # 30
+"""The model could not be loaded (UNAVAILABLE); the message says what to fix."""
+ERROR_REASON_INVALID_TEXT: ErrorReason.ValueType  # 31
+"""Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final

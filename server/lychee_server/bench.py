@@ -1,0 +1,356 @@
+"""``lychee-rerank bench``: throughput / latency / memory / MFU of the engine versus a naive loop.
+
+Why in-process and same-run: the speedup claim only means something if the naive reference (one pair
+at a time, processor + full forward + full-vocabulary logits) runs on the same machine, model and
+inputs in the same process. Workloads:
+
+  a: 1 text query + 50 image documents (1080p JPEGs generated locally)
+  b: 1 text query + 100 text passages of ~256 tokens
+  c: 1 image query + 50 image documents
+  d: workload a with every document image already in the vision cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_bench_arguments", "run_bench"]
+
+WORKLOADS = ("a", "b", "c", "d")
+_DESCRIPTIONS = {
+    "a": "text query + 50 image docs (1080p JPEG)",
+    "b": "text query + 100 text docs (~256 tok)",
+    "c": "image query + 50 image docs (1080p JPEG)",
+    "d": "(a) with all doc images in the vision cache",
+}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``bench`` flags on ``parser`` (the CLI owns the sub-command)."""
+    parser.add_argument(
+        "--model", default=None, help="Checkpoint dir or hub id (default: build the tiny test checkpoint)."
+    )
+    parser.add_argument(
+        "--random-weights", action="store_true", help="Random weights (with --shape: real shapes)."
+    )
+    parser.add_argument("--shape", choices=["qwen2.5-vl-7b", "qwen2.5-vl-3b"], default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--workloads", default="a,b,c,d", help="Comma-separated subset of a,b,c,d.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions per workload.")
+    parser.add_argument(
+        "--naive-limit", type=int, default=8, help="Pairs timed with the naive loop (extrapolated)."
+    )
+    parser.add_argument("--batch-token-budget", type=int, default=16384)
+    parser.add_argument("--max-batch-pairs", type=int, default=64)
+    parser.add_argument("--peak-flops", type=float, default=800e12, help="Device peak FLOP/s for MFU (bf16).")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="Write the JSON report here (default: stdout)."
+    )
+    parser.add_argument(
+        "--markdown", type=Path, default=Path("docs/benchmarks.md"), help="Append a table here."
+    )
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave default).")
+
+
+@dataclass
+class Row:
+    workload: str
+    description: str
+    pairs: int
+    pairs_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    peak_memory_mib: float
+    memory_kind: str
+    mfu: float | None
+    naive_pairs_timed: int
+    naive_s_per_pair: float
+    speedup: float
+
+
+def _jpeg(seed: int, w: int = 1920, h: int = 1080) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx // 3 + seed * 37) % 256, (yy // 2 + seed * 11) % 256, ((xx + yy) // 4) % 256], -1)
+    arr = (
+        arr + rng.integers(0, 24, size=(h // 8 + 1, w // 8 + 1, 1)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    ) % 256
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype("uint8"), "RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+_WORDS = (  # noqa: SIM905 - one readable string
+    "retrieval ranking passage model query answer capital France river mountain data system "
+    "learning network image photo city history science music art"
+).split()
+
+
+def _passages(engine: Any, n: int, tokens: int) -> list[str]:
+    """``n`` distinct passages of about ``tokens`` tokens with the loaded tokenizer."""
+    words = _WORDS
+    out = []
+    for i in range(n):
+        text, k = "", i
+        while len(engine._encode(text)) < tokens:
+            text += words[k % len(words)] + " "
+            k = k * 7 + 3
+        out.append(text.strip())
+    return out
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def _naive_score(engine: Any, instruction: str, query: Any, doc: Any) -> float:
+    """The reference loop body: decode, template, processor, full forward, full-vocab logits, softmax."""
+    import torch
+
+    from lychee_server.engine.images import decode_image
+    from lychee_server.engine.recipe import build_messages
+
+    images = [decode_image(c.image, engine.limits) for c in (query, doc) if c.image is not None]
+    msgs = build_messages(instruction, query.text, query.image is not None, doc.text, doc.image is not None)
+    text = engine.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    inputs = engine.processor(text=[text], images=images or None, return_tensors="pt").to(engine.device)
+    with torch.inference_mode():
+        logits = engine.model(**inputs).logits[0, -1].float()
+    p = torch.softmax(torch.stack([logits[engine.no_id], logits[engine.yes_id]]), 0)
+    return float(torch.log(p[1]) - torch.log(p[0]))
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _count_params(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _run_engine_once(
+    engine: Any, pool: ThreadPoolExecutor, instruction: str, query: Any, docs: list[Any]
+) -> tuple[float, int, int]:
+    """One request end to end: prepare (worker threads) + score + release.
+
+    Returns (seconds, LLM tokens run, ViT patches run) - the latter two feed the MFU estimate.
+    """
+    t0 = time.perf_counter()
+    pq = engine.prepare_query(instruction, query, 3200)
+    pairs = list(pool.map(lambda d: engine.prepare_pair(pq, d), docs))
+    fresh_prefix = pq.state is None
+    engine.score(pairs)
+    _sync(engine.device)
+    dt = time.perf_counter() - t0
+    tokens = sum(p.cost_tokens for p in pairs) + (pq.cost_tokens if fresh_prefix else 0)
+    seen = {it.key: it for p in pairs for it in p.images if it.pixel_values is not None}
+    if fresh_prefix:
+        seen.update({it.key: it for it in pq.images if it.pixel_values is not None})
+    patches = sum(it.grid[0] * it.grid[1] * it.grid[2] for it in seen.values())
+    engine.release(pq)
+    return dt, tokens, patches
+
+
+def _machine(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} x{os.cpu_count()}"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the selected workloads; print/write JSON and append a markdown table. Returns an exit code."""
+    import torch
+
+    from lychee_server.domain import DEFAULT_INSTRUCTION, Content, ImageInput, MediaType
+    from lychee_server.engine.checkpoint import build_tiny_checkpoint
+    from lychee_server.engine.qwen import QwenRerankEngine
+    from lychee_server.settings import Settings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    model = args.model
+    if model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lychee-bench-")
+        model = str(build_tiny_checkpoint(Path(tmp.name) / "tiny"))
+    settings = Settings(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        random_weights=bool(args.random_weights),
+        batch_token_budget=args.batch_token_budget,
+        max_batch_pairs=args.max_batch_pairs,
+        warmup=False,
+    )
+    engine = QwenRerankEngine.from_settings(settings, shape=args.shape if args.random_weights else None)
+    engine.warmup()
+    dev = engine.device
+    llm_params = _count_params(engine.lm)
+    vit_params = _count_params(engine.visual)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        print(f"unknown workloads {bad}; choose from {WORKLOADS}", file=sys.stderr)
+        return 2
+
+    images = [Content(image=ImageInput(_jpeg(i), MediaType.JPEG)) for i in range(50)]
+    text_query = Content(text="Find a picture of a city skyline at sunset near a river")
+    image_query = Content(image=ImageInput(_jpeg(999), MediaType.JPEG))
+    inputs: dict[str, tuple[Content, list[Content]]] = {
+        "a": (text_query, images),
+        "b": (
+            Content(text="what is the capital of France"),
+            [Content(text=t) for t in _passages(engine, 100, 256)],
+        ),
+        "c": (image_query, images),
+        "d": (text_query, images),
+    }
+    rows: list[Row] = []
+    pool = ThreadPoolExecutor(max(1, settings.decode_threads))
+    for w in workloads:
+        query, docs = inputs[w]
+        engine.vision_cache.clear()
+        if w == "d":
+            _run_engine_once(engine, pool, DEFAULT_INSTRUCTION, query, docs)  # fill the vision cache
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        lat: list[float] = []
+        toks = patches = 0
+        for _ in range(max(1, args.repeats)):
+            if w != "d":
+                engine.vision_cache.clear()
+            dt, toks, patches = _run_engine_once(engine, pool, DEFAULT_INSTRUCTION, query, docs)
+            lat.append(dt)
+        n_naive = max(1, min(args.naive_limit, len(docs)))
+        t0 = time.perf_counter()
+        for d in docs[:n_naive]:
+            _naive_score(engine, DEFAULT_INSTRUCTION, query, d)
+        _sync(dev)
+        naive_per_pair = (time.perf_counter() - t0) / n_naive
+        p50 = statistics.median(lat)
+        if dev.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(dev) / 2**20
+            kind = "cuda max_memory_allocated"
+            # Dense-matmul estimate (2 FLOPs per parameter per token / patch; attention not counted).
+            flops = 2 * llm_params * toks + 2 * vit_params * patches
+            mfu: float | None = flops / p50 / args.peak_flops
+        else:
+            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            kind = "process peak RSS"
+            mfu = None
+        rows.append(
+            Row(
+                w,
+                _DESCRIPTIONS[w],
+                len(docs),
+                len(docs) / p50,
+                p50,
+                _percentile(lat, 0.95),
+                mem,
+                kind,
+                mfu,
+                n_naive,
+                naive_per_pair,
+                naive_per_pair / (p50 / len(docs)),
+            )
+        )
+        print(
+            f"[bench] {w}: {rows[-1].pairs_per_s:.1f} pairs/s, speedup {rows[-1].speedup:.1f}x",
+            file=sys.stderr,
+        )
+    pool.shutdown()
+    engine.close()
+
+    report: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(dev),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "model": engine.info.model_id
+        if not args.random_weights
+        else f"random weights ({args.shape or model})",
+        "device": str(dev),
+        "dtype": engine.info.dtype,
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "naive_note": "naive loop timed on the first --naive-limit pairs and extrapolated per pair",
+        "rows": [asdict(r) for r in rows],
+    }
+    text = json.dumps(report, indent=2)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    else:
+        print(text)
+    if not args.no_markdown:
+        _append_markdown(args.markdown, report, rows)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def _append_markdown(path: Path, report: dict[str, Any], rows: list[Row]) -> None:
+    lines = [
+        "",
+        f"### {report['date']} — {report['machine']} — {report['model']} "
+        f"({report['dtype']}, {report['device']})",
+        "",
+        f"Command: `{report['command'].strip()}` (torch {report['torch']}, {report['repeats']} repeats; "
+        f"{report['naive_note']})",
+        "",
+        "| workload | pairs | pairs/s | p50 latency (s) | p95 latency (s) | peak memory (MiB) | MFU "
+        "| naive s/pair (pairs timed) | speedup vs naive |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mfu = "n/a (CPU)" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+        lines.append(
+            f"| ({r.workload}) {r.description} | {r.pairs} | {r.pairs_per_s:.1f} | {r.latency_p50_s:.3f} | "
+            f"{r.latency_p95_s:.3f} | {r.peak_memory_mib:.0f} ({r.memory_kind}) | {mfu} | "
+            f"{r.naive_s_per_pair:.4f} ({r.naive_pairs_timed}) | {r.speedup:.1f}x |"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lychee-rerank bench", description=__doc__)
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Bearer-token authentication as a grpc.aio server interceptor.
+
+A call must carry ``authorization: Bearer <token>`` metadata with one of the configured keys
+(``Settings.all_api_keys()``); otherwise it fails with UNAUTHENTICATED (ErrorInfo reason
+``UNAUTHENTICATED``) before the servicer sees it.
+
+Deliberately left open: ``grpc.health.v1.Health`` and server reflection. Orchestrators (kubelet
+gRPC probes, load balancers) probe health without credentials, and reflection only describes the
+public contract; neither touches the model. Everything else (today: RerankService) is closed.
+
+Tokens are compared with :func:`hmac.compare_digest` against *every* configured key, so the time
+taken does not reveal which key, or how much of one, matched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from lychee_server import errors
+from lychee_server.edge.status import to_status
+from lychee_server.metrics import Metrics
+
+__all__ = ["OPEN_METHOD_PREFIXES", "BearerAuthInterceptor"]
+
+OPEN_METHOD_PREFIXES: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+_Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        raw = value.encode() if isinstance(value, str) else value
+        scheme, _, token = raw.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and token.strip():
+            return token.strip()
+        return None
+    return None
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Reject calls without a valid bearer token (health and reflection stay open)."""
+
+    def __init__(self, keys: Iterable[str], metrics: Metrics | None = None) -> None:
+        self._keys = tuple(k.encode() for k in keys if k)
+        if not self._keys:
+            raise ValueError("BearerAuthInterceptor needs at least one key")
+        self._metrics = metrics
+
+    def is_valid(self, token: bytes | None) -> bool:
+        if token is None:
+            return False
+        matched = False
+        for key in self._keys:  # no early exit: constant work whatever matches
+            matched |= hmac.compare_digest(token, key)
+        return matched
+
+    async def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method or ""
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return await continuation(handler_call_details)
+        token = _bearer_token(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
+        handler = await continuation(handler_call_details)
+        if handler is None or self.is_valid(token):
+            return handler
+        if self._metrics is not None:
+            self._metrics.requests.labels(method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        reason = "missing bearer token" if token is None else "invalid bearer token"
+        return _rejecting(handler, errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'"))
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, err: errors.LycheeError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that aborts with ``err`` without reading input."""
+    status = to_status(err)
+
+    async def reject(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    kwargs: dict[str, Any] = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(reject, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(reject, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(reject, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(reject, **kwargs)

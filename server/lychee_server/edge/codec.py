@@ -1,0 +1,318 @@
+"""Protobuf <-> domain conversion for the unary RPCs ("parse, don't validate").
+
+Why: the scheduler and the engine must only ever see typed, already-valid values
+(:mod:`lychee_server.domain`). This module is the single place where a ``RerankRequest`` is
+parsed into a :class:`~lychee_server.domain.RerankJob` -- applying the rule table of
+:mod:`lychee_server.edge.validation` and reporting *every* violation at once -- and where
+results are rendered back into response messages. Protobuf types stop here.
+
+The per-part parsers (:func:`instruction_from_pb`, :func:`content_from_pb`,
+:func:`options_from_pb`) are shared with :mod:`lychee_server.edge.stream`, which parses the
+``StreamHeader`` with them, so both RPCs enforce literally the same rules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from lychee.rerank.v1 import rerank_pb2 as pb
+
+from lychee_server import domain
+from lychee_server.edge.validation import Collector, Slot, utf8_len
+from lychee_server.errors import FieldViolation, InvalidInput
+from lychee_server.settings import Settings
+
+__all__ = [
+    "MEDIA_TYPES",
+    "SCORE_KINDS",
+    "content_from_pb",
+    "decode_request",
+    "instruction_from_pb",
+    "job_from_pb",
+    "options_from_pb",
+    "result_to_pb",
+    "result_to_stream_pb",
+    "server_info_to_pb",
+]
+
+MEDIA_TYPES: dict[pb.MediaType.ValueType, domain.MediaType] = {
+    pb.MEDIA_TYPE_JPEG: domain.MediaType.JPEG,
+    pb.MEDIA_TYPE_PNG: domain.MediaType.PNG,
+    pb.MEDIA_TYPE_WEBP: domain.MediaType.WEBP,
+}
+SCORE_KINDS: dict[pb.ScoreKind.ValueType, domain.ScoreKind] = {
+    pb.SCORE_KIND_PROBABILITY: domain.ScoreKind.PROBABILITY,
+    pb.SCORE_KIND_LOGIT: domain.ScoreKind.LOGIT,
+}
+_MODALITIES: dict[domain.Modality, pb.Modality.ValueType] = {
+    domain.Modality.TEXT: pb.MODALITY_TEXT,
+    domain.Modality.IMAGE: pb.MODALITY_IMAGE,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def job_from_pb(req: pb.RerankRequest, settings: Settings, *, request_id: str = "") -> domain.RerankJob:
+    """Parse a ``RerankRequest`` into a ``RerankJob`` or raise one ``InvalidInput`` listing every
+    violation (reason = the first violation's reason)."""
+    c = Collector(settings, request_id)
+    instruction = instruction_from_pb(req, "instruction", c)
+    query = content_from_pb(req.query if req.HasField("query") else None, "query", c)
+
+    documents: list[domain.Document] = []
+    count_ok = c.check(Slot.DOCUMENT_COUNT, "documents", len(req.documents))
+    if count_ok:  # past max_documents the per-document report would be noise (and unbounded work)
+        for i, doc in enumerate(req.documents):
+            parsed = document_from_pb(doc, f"documents[{i}]", c)
+            if parsed is not None:
+                documents.append(parsed)
+
+    options = options_from_pb(req.options, "options", c)
+    c.raise_if_any()
+    assert query is not None  # the collector is empty, so every part parsed
+    return domain.RerankJob(
+        instruction=instruction,
+        query=query,
+        documents=tuple(documents),
+        options=options,
+        request_id=request_id,
+    )
+
+
+def instruction_from_pb(msg: pb.RerankRequest | pb.StreamHeader, path: str, c: Collector) -> str:
+    """Unset = the default instruction; set = must be non-blank and within the byte limit."""
+    if not msg.HasField("instruction"):
+        return domain.DEFAULT_INSTRUCTION
+    text = msg.instruction
+    if c.check(Slot.INSTRUCTION, path, text):
+        c.check(Slot.INSTRUCTION_SIZE, path, utf8_len(text))
+    return text
+
+
+def text_from_pb(text: str, path: str, c: Collector) -> str | None:
+    if not c.check(Slot.TEXT_SIZE, path, utf8_len(text)):
+        return None  # measured first: stripping megabytes of text only to reject it is waste
+    return text if c.check(Slot.TEXT, path, text) else None
+
+
+def image_from_pb(image: pb.Image | None, path: str, c: Collector) -> domain.ImageInput | None:
+    if not c.check(Slot.REQUIRED, path, image):
+        return None
+    assert image is not None
+    size_ok = c.check(Slot.IMAGE_SIZE, f"{path}.data", len(image.data))
+    type_ok = c.check(Slot.MEDIA_TYPE, f"{path}.media_type", int(image.media_type))
+    if not (size_ok and type_ok):
+        return None
+    return domain.ImageInput(data=image.data, media_type=MEDIA_TYPES[image.media_type])
+
+
+def content_from_pb(content: pb.Content | None, path: str, c: Collector) -> domain.Content | None:
+    """Parse a ``Content`` (``None`` = the message field is unset); violations go to ``c``."""
+    kind = content.WhichOneof("kind") if content is not None else None
+    if not c.check(Slot.REQUIRED, path, kind):
+        return None
+    assert content is not None
+    if kind == "text":
+        text = text_from_pb(content.text, f"{path}.text", c)
+        return None if text is None else domain.Content(text=text)
+    if kind == "image":
+        image = image_from_pb(content.image, f"{path}.image", c)
+        return None if image is None else domain.Content(image=image)
+    ti = content.text_image
+    text = text_from_pb(ti.text, f"{path}.text_image.text", c)
+    image = image_from_pb(ti.image if ti.HasField("image") else None, f"{path}.text_image.image", c)
+    if text is None or image is None:
+        return None
+    return domain.Content(text=text, image=image)
+
+
+def document_from_pb(doc: pb.Document, path: str, c: Collector) -> domain.Document | None:
+    doc_id: str | None = None
+    id_ok = True
+    if doc.HasField("id"):
+        doc_id = doc.id
+        id_ok = c.check(Slot.ID_SIZE, f"{path}.id", utf8_len(doc_id))
+    content = content_from_pb(doc.content if doc.HasField("content") else None, f"{path}.content", c)
+    if content is None or not id_ok:
+        return None
+    return domain.Document(content=content, id=doc_id)
+
+
+def options_from_pb(opts: pb.RerankOptions, path: str, c: Collector) -> domain.RerankOptions:
+    """Unset fields take the defaults (all documents, probability, ``settings.default_max_length``)."""
+    top_n: int | None = None
+    if opts.HasField("top_n"):
+        top_n = opts.top_n
+        c.check(Slot.TOP_N, f"{path}.top_n", top_n)
+    score_kind = domain.ScoreKind.PROBABILITY
+    if opts.HasField("score_kind") and c.check(Slot.SCORE_KIND, f"{path}.score_kind", int(opts.score_kind)):
+        score_kind = SCORE_KINDS[opts.score_kind]
+    max_length = c.settings.default_max_length
+    if opts.HasField("max_length"):
+        max_length = opts.max_length
+        c.check(Slot.MAX_LENGTH, f"{path}.max_length", max_length)
+    return domain.RerankOptions(
+        top_n=top_n, score_kind=score_kind, max_length=max_length, return_text=opts.return_text
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Raw bytes: for a servicer that registers Rerank with a pass-through deserializer, so that an
+# undecodable message becomes INVALID_ARGUMENT (with the bad field when it is bad UTF-8)
+# instead of gRPC's generic "Exception deserializing request!".
+
+
+def decode_request(data: bytes, *, request_id: str = "") -> pb.RerankRequest:
+    """Parse wire bytes into a ``RerankRequest`` or raise ``InvalidInput``.
+
+    Protobuf rejects a string field holding invalid UTF-8 without saying which; we then re-parse
+    with a variant schema whose strings are bytes to name the field (reason INVALID_UTF8). Bytes
+    that are not a message at all are INVALID_ARGUMENT on the path ``request``.
+    """
+    try:
+        return pb.RerankRequest.FromString(data)
+    except DecodeError:
+        pass
+    metadata = {"request_id": request_id} if request_id else {}
+    bad = _find_bad_utf8(data, pb.RerankRequest.DESCRIPTOR)
+    if bad is not None:
+        raise InvalidInput(
+            f"{bad}: is not valid UTF-8",
+            reason="INVALID_UTF8",
+            violations=[FieldViolation(bad, "is not valid UTF-8", "INVALID_UTF8")],
+            metadata=metadata,
+        )
+    raise InvalidInput(
+        "the request bytes are not a valid RerankRequest",
+        reason="INVALID_ARGUMENT",
+        violations=[FieldViolation("request", "is not a valid RerankRequest encoding", "INVALID_ARGUMENT")],
+        metadata=metadata,
+    )
+
+
+@functools.cache
+def _bytes_variant(full_name: str) -> type[Message]:
+    """The message class ``full_name`` from a private copy of rerank.proto where string = bytes."""
+    fdp = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(fdp)
+    for message in fdp.message_type:
+        for fld in message.field:
+            if fld.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+                fld.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
+def _find_bad_utf8(data: bytes, descriptor: Descriptor) -> str | None:
+    try:
+        msg = _bytes_variant(descriptor.full_name).FromString(data)
+    except DecodeError:
+        return None
+    return _walk_bad_utf8(msg, descriptor, "")
+
+
+def _walk_bad_utf8(msg: Message, original: Descriptor, prefix: str) -> str | None:
+    for fld, value in msg.ListFields():
+        orig = original.fields_by_name[fld.name]
+        path = f"{prefix}.{fld.name}" if prefix else fld.name
+        if orig.type == FieldDescriptor.TYPE_STRING:
+            values = value if _is_repeated(fld) else [value]
+            for i, raw in enumerate(values):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f"{path}[{i}]" if _is_repeated(fld) else path
+        elif orig.message_type is not None and orig.message_type.file is pb.DESCRIPTOR:
+            children = value if _is_repeated(fld) else [value]
+            for i, child in enumerate(children):
+                found = _walk_bad_utf8(
+                    child, orig.message_type, f"{path}[{i}]" if _is_repeated(fld) else path
+                )
+                if found is not None:
+                    return found
+    return None
+
+
+def _is_repeated(fld: FieldDescriptor) -> bool:
+    return bool(fld.is_repeated)
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(max(seconds, 0.0) * 1e9))
+    return d
+
+
+def _fill(out: pb.RerankResponse | pb.RerankStreamResponse, result: domain.RerankResult) -> None:
+    """The one renderer behind both response types (they have identical fields by contract)."""
+    for r in result.results:
+        ranked = out.results.add(index=r.index, score=r.score, truncated=r.truncated)
+        if r.id is not None:
+            ranked.id = r.id
+        if r.text is not None:
+            ranked.text = r.text
+    u = result.usage
+    out.usage.pairs = u.pairs
+    out.usage.tokens = u.tokens
+    out.usage.images = u.images
+    out.usage.truncated_documents = u.truncated_documents
+    t = result.timings
+    out.timings.queue.CopyFrom(_duration(t.queue))
+    out.timings.preprocessing.CopyFrom(_duration(t.preprocessing))
+    out.timings.inference.CopyFrom(_duration(t.inference))
+    out.timings.total.CopyFrom(_duration(t.total))
+    out.model = result.model
+
+
+def result_to_pb(result: domain.RerankResult) -> pb.RerankResponse:
+    out = pb.RerankResponse()
+    _fill(out, result)
+    return out
+
+
+def result_to_stream_pb(result: domain.RerankResult) -> pb.RerankStreamResponse:
+    out = pb.RerankStreamResponse()
+    _fill(out, result)
+    return out
+
+
+def server_info_to_pb(info: domain.EngineInfo, settings: Settings, version: str) -> pb.GetServerInfoResponse:
+    """Describe the engine and the limits in force (the same Settings the validator enforces)."""
+    limits = pb.Limits(
+        max_documents=settings.max_documents,
+        max_instruction_bytes=settings.max_instruction_bytes,
+        max_text_bytes=settings.max_text_bytes,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_id_bytes=settings.max_id_bytes,
+        max_message_bytes=settings.max_message_bytes,
+        max_request_bytes=settings.max_request_bytes,
+        max_chunk_bytes=settings.max_chunk_bytes,
+        max_length=settings.max_length,
+        default_max_length=settings.default_max_length,
+        min_pixels=info.min_pixels,
+        max_pixels=info.max_pixels,
+        media_types=sorted(MEDIA_TYPES),
+    )
+    return pb.GetServerInfoResponse(
+        model_id=info.model_id,
+        model_revision=info.model_revision,
+        dtype=info.dtype,
+        device=info.device,
+        query_modalities=sorted(_MODALITIES[m] for m in info.query_modalities),
+        document_modalities=sorted(_MODALITIES[m] for m in info.document_modalities),
+        limits=limits,
+        server_version=version,
+        random_weights=info.random_weights,
+    )

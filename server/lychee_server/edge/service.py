@@ -1,0 +1,279 @@
+"""The ``lychee.rerank.v1.RerankService`` servicer (grpc.aio).
+
+Every method runs inside :meth:`RerankService._serve`, the one wrapper that
+
+* assigns the request id (the caller's ``x-request-id`` metadata, else a fresh uuid4) and sends
+  it back as initial and trailing metadata ``x-request-id``;
+* refuses work while the model loads (UNAVAILABLE / NOT_READY) or the server drains
+  (UNAVAILABLE / SHUTTING_DOWN);
+* turns *every* exception into a status through :func:`lychee_server.edge.status.status_for_exception`
+  — the single error table, so no method can map errors its own way (and unknown exceptions are
+  INTERNAL without leaking their text);
+* records the per-method request counter / latency histogram and writes one structured log line
+  per call (request id, method, code, duration, pairs);
+* counts active calls so a drain can wait for them.
+
+``Rerank`` and ``RerankStream`` are registered (:func:`add_to_server`) with pass-through
+deserializers: a request whose bytes do not parse (invalid UTF-8 in a string field, say)
+becomes INVALID_ARGUMENT naming the field, instead of gRPC's generic deserialization failure.
+The stream is consumed one message at a time and fed to the assembler, which raises on the first
+violation: nothing is buffered before it is known to be allowed, and HTTP/2 flow control pushes
+back on a sender faster than the validation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError
+from lychee.rerank.v1 import rerank_pb2 as pb
+from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
+
+from lychee_server import errors
+from lychee_server.domain import EngineInfo, Modality, RerankJob
+from lychee_server.edge import codec
+from lychee_server.edge.status import status_for_exception
+from lychee_server.edge.stream import StreamAssembler
+from lychee_server.logs import log_fields, rpc_logger
+from lychee_server.metrics import Metrics
+from lychee_server.scheduler import Scheduler
+from lychee_server.settings import Settings
+
+__all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "RerankService", "ServingState", "add_to_server"]
+
+SERVICE_NAME = "lychee.rerank.v1.RerankService"
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+_R = TypeVar("_R")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class ServingState(enum.Enum):
+    LOADING = "loading"  # model loading / warming up: NOT_READY
+    SERVING = "serving"
+    DRAINING = "draining"  # shutting down: SHUTTING_DOWN
+
+
+class _Call:
+    """What the wrapper learns about one call while it runs (for the log line)."""
+
+    __slots__ = ("pairs", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.pairs = 0
+
+
+def _request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            value = value.strip()
+            if 0 < len(value) <= _MAX_REQUEST_ID and value.isprintable():
+                return value
+    return uuid.uuid4().hex
+
+
+def _decode_stream_message(data: bytes | pb.RerankStreamRequest, index: int) -> pb.RerankStreamRequest:
+    if isinstance(data, pb.RerankStreamRequest):
+        return data
+    try:
+        return pb.RerankStreamRequest.FromString(data)
+    except DecodeError as exc:
+        raise errors.InvalidInput(
+            f"stream message {index} is not a valid RerankStreamRequest (bad encoding or invalid UTF-8)",
+            reason="INVALID_ARGUMENT",
+            violations=[errors.FieldViolation("request", "is not a valid RerankStreamRequest encoding")],
+        ) from exc
+
+
+def _check_modalities(job: RerankJob, info: EngineInfo) -> None:
+    """FAILED_PRECONDITION for content the loaded model cannot take (before any work starts)."""
+    violations: list[errors.FieldViolation] = []
+
+    def check(path: str, have: frozenset[Modality], allowed: frozenset[Modality]) -> None:
+        for modality in sorted(have - allowed, key=lambda m: m.value):
+            field = f"{path}.{'text' if modality is Modality.TEXT else 'image'}"
+            violations.append(
+                errors.FieldViolation(field, f"the loaded model does not accept {modality.value}")
+            )
+
+    check("query", job.query.modalities, info.query_modalities)
+    for i, doc in enumerate(job.documents):
+        check(f"documents[{i}]", doc.content.modalities, info.document_modalities)
+    if violations:
+        raise errors.Unsupported(
+            f"{violations[0].field}: {violations[0].description}",
+            reason="MODALITY_NOT_SUPPORTED",
+            violations=violations,
+        )
+
+
+class RerankService(pb_grpc.RerankServiceServicer):
+    """Servicer for Rerank / RerankStream / GetServerInfo; see the module docstring."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, version: str = "") -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._version = version
+        self.state = ServingState.LOADING
+        self._scheduler: Scheduler | None = None
+        self._info: EngineInfo | None = None
+        self._active = 0
+        self._no_active = asyncio.Event()
+        self._no_active.set()
+
+    def attach(self, scheduler: Scheduler, info: EngineInfo) -> None:
+        """Start serving with a started scheduler (called by the app once the model is warm)."""
+        self._scheduler = scheduler
+        self._info = info
+        self.state = ServingState.SERVING
+
+    def begin_drain(self) -> None:
+        self.state = ServingState.DRAINING
+
+    @property
+    def active_calls(self) -> int:
+        return self._active
+
+    async def wait_calls_done(self, timeout: float) -> bool:
+        """Wait until no call is running; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._no_active.wait(), max(timeout, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ RPCs
+    async def Rerank(self, request: pb.RerankRequest | bytes, context: Context) -> pb.RerankResponse:
+        return await self._serve("Rerank", context, lambda call: self._rerank(request, context, call))
+
+    async def RerankStream(
+        self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context
+    ) -> pb.RerankStreamResponse:
+        return await self._serve(
+            "RerankStream", context, lambda call: self._rerank_stream(request_iterator, context, call)
+        )
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Context) -> pb.GetServerInfoResponse:
+        return await self._serve("GetServerInfo", context, lambda call: self._server_info())
+
+    # ------------------------------------------------------------------ bodies
+    async def _rerank(self, request: pb.RerankRequest | bytes, context: Context, call: _Call) -> pb.RerankResponse:
+        t0 = time.monotonic()
+        self._require_serving()
+        if not isinstance(request, pb.RerankRequest):
+            request = codec.decode_request(request, request_id=call.request_id)
+        job = codec.job_from_pb(request, self._settings, request_id=call.request_id)
+        result = await self._score(job, context, call)
+        return codec.result_to_pb(replace(result, timings=replace(result.timings, total=time.monotonic() - t0)))
+
+    async def _rerank_stream(
+        self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: _Call
+    ) -> pb.RerankStreamResponse:
+        t0 = time.monotonic()
+        self._require_serving()
+        assembler = StreamAssembler(self._settings, call.request_id)
+        index = 0
+        async for raw in request_iterator:
+            assembler.feed(_decode_stream_message(raw, index))
+            index += 1
+        job = assembler.finish()
+        result = await self._score(job, context, call)
+        return codec.result_to_stream_pb(
+            replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
+        )
+
+    async def _score(self, job: RerankJob, context: Context, call: _Call) -> Any:
+        call.pairs = len(job.documents)
+        scheduler, info = self._require_serving()
+        _check_modalities(job, info)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return await scheduler.rerank(job, deadline=deadline)
+
+    async def _server_info(self) -> pb.GetServerInfoResponse:
+        if self._info is None:
+            raise errors.Unavailable("the model is loading", reason="NOT_READY")
+        return codec.server_info_to_pb(self._info, self._settings, self._version)
+
+    def _require_serving(self) -> tuple[Scheduler, EngineInfo]:
+        if self.state is ServingState.DRAINING:
+            raise errors.Unavailable("the server is shutting down; retry on another replica", reason="SHUTTING_DOWN")
+        if self.state is not ServingState.SERVING or self._scheduler is None or self._info is None:
+            raise errors.Unavailable("the model is loading; retry shortly", reason="NOT_READY")
+        return self._scheduler, self._info
+
+    # ------------------------------------------------------------------ the one wrapper
+    async def _serve(self, method: str, context: Context, body: Callable[[_Call], Awaitable[_R]]) -> _R:
+        started = time.monotonic()
+        call = _Call(_request_id(context))
+        id_metadata = ((REQUEST_ID_KEY, call.request_id),)
+        self._active += 1
+        self._no_active.clear()
+        code = "OK"
+        try:
+            await context.send_initial_metadata(id_metadata)
+            result = await body(call)
+            context.set_trailing_metadata(id_metadata)
+            return result
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED.name  # the caller went away (or its deadline passed)
+            raise
+        except Exception as exc:
+            status = status_for_exception(exc, request_id=call.request_id)
+            code = status.code.name
+            await context.abort(status.code, status.details, tuple(status.trailing_metadata) + id_metadata)
+            raise AssertionError("context.abort returned") from exc  # pragma: no cover
+        finally:
+            elapsed = time.monotonic() - started
+            self._metrics.requests.labels(method, code).inc()
+            self._metrics.request_latency.labels(method, code).observe(elapsed)
+            rpc_logger.info(
+                "rpc",
+                extra=log_fields(
+                    request_id=call.request_id,
+                    method=method,
+                    code=code,
+                    duration_ms=round(elapsed * 1000, 3),
+                    pairs=call.pairs,
+                    peer=context.peer(),
+                ),
+            )
+            self._active -= 1
+            if self._active == 0:
+                self._no_active.set()
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+def add_to_server(service: RerankService, server: grpc.aio.Server) -> None:
+    """Register ``service``; Rerank and RerankStream get raw bytes and decode them themselves."""
+    handlers = {
+        "Rerank": grpc.unary_unary_rpc_method_handler(
+            service.Rerank,
+            request_deserializer=_passthrough,
+            response_serializer=pb.RerankResponse.SerializeToString,
+        ),
+        "RerankStream": grpc.stream_unary_rpc_method_handler(
+            service.RerankStream,
+            request_deserializer=_passthrough,
+            response_serializer=pb.RerankStreamResponse.SerializeToString,
+        ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetServerInfo,
+            request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=pb.GetServerInfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,0 +1,505 @@
+"""The optimized Lychee (Qwen2.5-VL) scoring engine.
+
+Why a hand-written decoder loop instead of ``model(**inputs)``: a reranker needs one number per
+pair, so (1) the shared prefix (system + instruction + query, query image included) is run once per
+request and its K/V reused for every document, (2) documents are batched with right padding and
+pure causal attention (padding never leaks into real positions), (3) only the last real position
+goes through the final layer's attention/MLP, the final norm and the two ``no``/``yes`` rows of
+``lm_head``. The loop reads the model's own weight modules (q/k/v/o projections, MLPs, RMSNorms),
+so exactness versus the plain HF forward is checked by the golden tests, not assumed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lychee_server.domain import Content, EngineInfo, ImageInput, Modality
+from lychee_server.engine.images import ImageLimits, decode_image
+from lychee_server.engine.loading import LoadedModel, load_model
+from lychee_server.engine.recipe import (
+    DOCUMENT_MARKER,
+    build_messages,
+    document_segment,
+    expand_and_position,
+    image_token_count,
+)
+from lychee_server.engine.vision_cache import VisionCache, VisionEntry, image_key
+from lychee_server.errors import DeviceOutOfMemory, InternalError, InvalidInput, LycheeError
+from lychee_server.settings import Settings
+
+__all__ = ["QwenPreparedPair", "QwenPreparedQuery", "QwenRerankEngine"]
+
+_SENTINEL = "\ue000lychee-doc\ue000"
+_VIT_PATCH_CHUNK = 65536  # patches per vision-tower call
+
+
+@dataclass(eq=False)
+class ImageItem:
+    """One image of a pair: its cache key, patch grid and (unless cached) preprocessed pixels."""
+
+    key: str
+    grid: tuple[int, int, int]
+    pixel_values: torch.Tensor | None
+    source: ImageInput
+
+
+@dataclass(eq=False)
+class _PrefixKV:
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, P, head_dim), rotary already applied
+    values: list[torch.Tensor]
+
+
+@dataclass(eq=False)
+class QwenPreparedQuery:
+    instruction: str
+    query: Content
+    max_length: int
+    prefix_text: str
+    shared_raw: np.ndarray  # un-expanded token ids of the reusable prefix
+    shared_ids: np.ndarray  # expanded
+    shared_pos: np.ndarray  # (3, P)
+    next_pos: int
+    images: list[ImageItem]
+    state: _PrefixKV | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def cost_tokens(self) -> int:
+        return len(self.shared_ids)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+
+@dataclass(eq=False)
+class QwenPreparedPair:
+    query: QwenPreparedQuery
+    ids: np.ndarray  # expanded ids of the suffix (reuse) or of the whole pair
+    positions: np.ndarray  # (3, L)
+    images: list[ImageItem]  # images inside ``ids``, in order
+    reuse: bool
+    total_tokens: int
+    truncated: bool
+    num_images: int
+
+    @property
+    def cost_tokens(self) -> int:
+        return len(self.ids)
+
+
+class QwenRerankEngine:
+    """Implements ``lychee_server.engine.interface.Engine`` for Qwen2.5-VL rerankers (Lychee).
+
+    ``prepare_*`` are thread-safe (CPU worker threads); ``score`` must be called from one thread.
+    """
+
+    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        tok = self.processor.tokenizer
+        self._backend = tok.backend_tokenizer  # thread-safe encode, no padding/truncation state
+        self._tokenizer = tok
+        cfg = self.model.config
+        inner = self.model.model
+        self.lm: Any = inner.language_model if hasattr(inner, "language_model") else inner
+        self.visual: Any = inner.visual if hasattr(inner, "visual") else self.model.visual
+        tcfg = getattr(cfg, "text_config", cfg)
+        self.n_heads = int(tcfg.num_attention_heads)
+        self.n_kv = int(tcfg.num_key_value_heads)
+        self.head_dim = int(getattr(tcfg, "head_dim", None) or tcfg.hidden_size // self.n_heads)
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.image_token_id = int(cfg.image_token_id)
+        self.im_end_id = int(tok.convert_tokens_to_ids("<|im_end|>"))
+        self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else self.im_end_id)
+        self.special_ids = frozenset(int(i) for i in tok.all_special_ids) | {
+            int(i) for i in tok.convert_tokens_to_ids(list(tok.get_added_vocab().keys()))
+        }
+        self.yes_id = int(tok.convert_tokens_to_ids("yes"))
+        self.no_id = int(tok.convert_tokens_to_ids("no"))
+        unk = tok.unk_token_id
+        if unk is not None and unk in (self.yes_id, self.no_id):
+            raise InternalError("tokenizer has no single 'yes' / 'no' tokens")
+        rot = self.lm.rotary_emb
+        self.inv_freq = rot.inv_freq.detach().to(self.device, torch.float32)
+        section = getattr(rot, "mrope_section", None)
+        if section is None:
+            rp = getattr(tcfg, "rope_parameters", None) or getattr(tcfg, "rope_scaling", None) or {}
+            section = rp.get("mrope_section", [16, 24, 24])
+        self.mrope_section = [int(s) for s in section]
+        w = self.model.get_output_embeddings().weight
+        self.w_no_yes = w[[self.no_id, self.yes_id]].detach().clone()
+        self.limits = ImageLimits(max_image_pixels=settings.max_image_pixels, max_pixels=settings.max_pixels)
+        self.vision_cache = VisionCache(settings.vision_cache_entries)
+        self._settings_tag = (
+            f"{loaded.model_id}@{loaded.revision}|{settings.min_pixels}|{settings.max_pixels}"
+        )
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="lychee-decode")
+        self._info = EngineInfo(
+            model_id=loaded.model_id,
+            model_revision=loaded.revision,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            query_modalities=frozenset({Modality.TEXT, Modality.IMAGE}),
+            document_modalities=frozenset({Modality.TEXT, Modality.IMAGE}),
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
+            random_weights=settings.random_weights,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shape: str | None = None) -> QwenRerankEngine:
+        """Load the model named by ``settings`` (see ``loading.load_model``) and wrap it."""
+        return cls(load_model(settings, shape=shape), settings)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    # ------------------------------------------------------------------ CPU side (thread-safe)
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text if isinstance(text, str) else text[0]
+
+    def _image_item(self, image: ImageInput) -> ImageItem:
+        key = image_key(image.data, image.media_type.value, self._settings_tag)
+        grid = self.vision_cache.peek_grid(key)
+        if grid is not None:
+            return ImageItem(key, grid, None, image)
+        # Decode in the dedicated pool so a flood of images cannot starve the scheduler's workers.
+        return self._decode_pool.submit(self._preprocess, key, image).result()
+
+    def _preprocess(self, key: str, image: ImageInput) -> ImageItem:
+        pil = decode_image(image, self.limits)
+        out = self.processor.image_processor(images=[pil], return_tensors="pt")
+        grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
+        return ImageItem(key, (grid[0], grid[1], grid[2]), out["pixel_values"], image)
+
+    def prepare_query(self, instruction: str, query: Content, max_length: int) -> QwenPreparedQuery:
+        images = [self._image_item(query.image)] if query.image is not None else []
+        has_img = query.image is not None
+        rendered = self._render(build_messages(instruction, query.text, has_img, _SENTINEL, False))
+        cut = rendered.rfind(DOCUMENT_MARKER + _SENTINEL)
+        if cut < 0:
+            raise InternalError("chat template did not render the document marker")
+        prefix_text = rendered[:cut]
+        raw = self._encode(prefix_text)
+        # The last token may merge with "\n<Document>:" in the full rendering; share only what is safe.
+        if len(raw) and int(raw[-1]) not in self.special_ids:
+            raw = raw[:-1]
+        self._check_placeholders(raw, len(images))
+        ids, pos, nxt = expand_and_position(raw, [i.grid for i in images], self.image_token_id, self.merge, 0)
+        empty = self._encode(self._render(build_messages(instruction, query.text, has_img, None, False)))
+        minimum = len(empty) + sum(image_token_count(i.grid, self.merge) - 1 for i in images)
+        if minimum > max_length:
+            raise InvalidInput(
+                f"instruction + query need {minimum} tokens, more than max_length {max_length}",
+                reason="INPUT_TOO_LONG",
+            )
+        return QwenPreparedQuery(instruction, query, max_length, prefix_text, raw, ids, pos, nxt, images)
+
+    def _check_placeholders(self, ids: np.ndarray, n_images: int) -> None:
+        if int((ids == self.image_token_id).sum()) != n_images:
+            raise InvalidInput(
+                "text contains the reserved image placeholder token <|image_pad|>", reason="INVALID_TEXT"
+            )
+
+    def prepare_pair(self, query: QwenPreparedQuery, document: Content) -> QwenPreparedPair:  # type: ignore[override]
+        pq = query
+        doc_images = [self._image_item(document.image)] if document.image is not None else []
+        all_images = pq.images + doc_images
+        q_img = pq.query.image is not None
+        d_img = document.image is not None
+        msgs = build_messages(pq.instruction, pq.query.text, q_img, document.text, d_img)
+        full = self._encode(self._render(msgs))
+        self._check_placeholders(full, len(all_images))
+        extra = sum(image_token_count(i.grid, self.merge) - 1 for i in all_images)
+        total = len(full) + extra
+        truncated = False
+        if total > pq.max_length:
+            no_text = self._encode(
+                self._render(build_messages(pq.instruction, pq.query.text, q_img, "", d_img))
+            )
+            start, end = document_segment(full, no_text, self.im_end_id)
+            excess = total - pq.max_length
+            if excess > end - start:
+                raise InvalidInput(
+                    f"pair needs {total - (end - start)} tokens without any document text, "
+                    f"more than max_length {pq.max_length}",
+                    reason="INPUT_TOO_LONG",
+                )
+            full = np.concatenate([full[: end - excess], full[end:]])
+            total -= excess
+            truncated = True
+        n_shared = len(pq.shared_raw)
+        reuse = len(full) > n_shared and bool(np.array_equal(full[:n_shared], pq.shared_raw))
+        if reuse:
+            ids, pos, _ = expand_and_position(
+                full[n_shared:], [i.grid for i in doc_images], self.image_token_id, self.merge, pq.next_pos
+            )
+            images = doc_images
+        else:
+            ids, pos, _ = expand_and_position(
+                full, [i.grid for i in all_images], self.image_token_id, self.merge, 0
+            )
+            images = all_images
+        return QwenPreparedPair(pq, ids, pos, images, reuse, total, truncated, len(doc_images))
+
+    def release(self, query: QwenPreparedQuery) -> None:  # type: ignore[override]
+        query.state = None
+
+    # ------------------------------------------------------------------ device side
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _vision(self, items: Sequence[ImageItem]) -> dict[str, torch.Tensor]:
+        """Merged vision-tower outputs for ``items``: cache hits, else one ViT call per chunk."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, ImageItem] = {}
+        for it in items:
+            if it.key in found or it.key in todo:
+                continue
+            entry = self.vision_cache.get(it.key)
+            if entry is not None:
+                found[it.key] = entry.embeds
+            else:
+                todo[it.key] = it
+        chunk: list[ImageItem] = []
+        patches = 0
+        for it in todo.values():
+            pv = it.pixel_values
+            if pv is None:  # evicted between prepare and score: preprocess again
+                pv = self._preprocess(it.key, it.source).pixel_values
+                it = ImageItem(it.key, it.grid, pv, it.source)
+            assert pv is not None
+            if chunk and patches + pv.shape[0] > _VIT_PATCH_CHUNK:
+                found.update(self._run_vit(chunk))
+                chunk, patches = [], 0
+            chunk.append(it)
+            patches += pv.shape[0]
+        if chunk:
+            found.update(self._run_vit(chunk))
+        return found
+
+    def _run_vit(self, items: list[ImageItem]) -> dict[str, torch.Tensor]:
+        pv = torch.cat([it.pixel_values for it in items if it.pixel_values is not None], dim=0)
+        grid = torch.tensor([it.grid for it in items], dtype=torch.long)
+        out = self.visual(self._to_device(pv).to(self.visual.dtype), grid_thw=self._to_device(grid))
+        if not isinstance(out, torch.Tensor):
+            pooled = getattr(out, "pooler_output", None)
+            out = pooled if pooled is not None else out.last_hidden_state
+        sizes = [image_token_count(it.grid, self.merge) for it in items]
+        result: dict[str, torch.Tensor] = {}
+        for it, emb in zip(items, torch.split(out, sizes), strict=True):
+            result[it.key] = emb
+            self.vision_cache.put(it.key, VisionEntry(it.grid, emb))
+        return result
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, S, head_dim) for 3-D positions (3, B, S), interleaving axes by mrope_section."""
+        freqs = pos[..., None].float() * self.inv_freq  # (3, B, S, d/2)
+        parts = freqs.split(self.mrope_section, dim=-1)
+        f = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
+        emb = torch.cat([f, f], dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        rep = self.n_heads // self.n_kv
+        return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+    def _embed(
+        self, rows: Sequence[tuple[np.ndarray, np.ndarray, list[ImageItem]]], vis: dict[str, torch.Tensor]
+    ):
+        b = len(rows)
+        s = max(len(r[0]) for r in rows)
+        ids = np.full((b, s), self.pad_id, dtype=np.int64)
+        pos = np.zeros((3, b, s), dtype=np.int64)
+        lengths = np.zeros(b, dtype=np.int64)
+        for i, (rid, rpos, _) in enumerate(rows):
+            n = len(rid)
+            ids[i, :n] = rid
+            pos[:, i, :n] = rpos
+            lengths[i] = n
+        ids_t = self._to_device(torch.from_numpy(ids))
+        pos_t = self._to_device(torch.from_numpy(pos))
+        h = self.lm.embed_tokens(ids_t)
+        embeds = [vis[it.key] for r in rows for it in r[2]]
+        if embeds:
+            mask = ids_t == self.image_token_id
+            h = h.clone()
+            h[mask] = torch.cat(embeds, dim=0).to(h.dtype)
+        return h, pos_t, torch.from_numpy(lengths - 1).to(self.device)
+
+    def _forward(
+        self, h: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None, prefix: _PrefixKV | None
+    ) -> torch.Tensor | _PrefixKV:
+        """Run the decoder. ``last is None``: return the K/V of every layer (prefix mode);
+        otherwise return logit(yes) - logit(no) at each row's ``last`` position."""
+        b, s, _ = h.shape
+        cos, sin = self._rope(pos)
+        cos4, sin4 = cos[:, None], sin[:, None]
+        p = 0 if prefix is None else prefix.keys[0].shape[2]
+        mask: torch.Tensor | None = None
+        if p:
+            q_idx = torch.arange(s, device=h.device)[:, None]
+            k_idx = torch.arange(p + s, device=h.device)[None, :]
+            mask = ((k_idx < p) | (k_idx - p <= q_idx))[None, None]
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        layers = self.lm.layers
+        n_layers = len(layers)
+        scale = self.head_dim**-0.5
+        for li, layer in enumerate(layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            k = self._rotate(attn.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2), cos4, sin4)
+            v = attn.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+            if last is None:
+                keys.append(k)
+                values.append(v)
+                if li == n_layers - 1:
+                    break
+            if prefix is not None and p:
+                k = torch.cat([prefix.keys[li].expand(b, -1, -1, -1), k], dim=2)
+                v = torch.cat([prefix.values[li].expand(b, -1, -1, -1), v], dim=2)
+            kr, vr = self._repeat_kv(k), self._repeat_kv(v)
+            if last is not None and li == n_layers - 1:
+                # Final layer: only the last real position of each row matters.
+                rows = torch.arange(b, device=h.device)
+                xl = x[rows, last][:, None]  # (B, 1, H)
+                hl = h[rows, last][:, None]
+                q = attn.q_proj(xl).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
+                q = self._rotate(q, cos4[rows, :, last][:, :, None], sin4[rows, :, last][:, :, None])
+                kmask = (torch.arange(p + s, device=h.device)[None, :] <= (p + last)[:, None])[:, None, None]
+                o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=kmask, scale=scale)
+                hl = hl + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+                hl = hl + layer.mlp(layer.post_attention_layernorm(hl))
+                hn = self.lm.norm(hl[:, 0])
+                logits = hn @ self.w_no_yes.t().to(hn.dtype)
+                return (logits[:, 1] - logits[:, 0]).float()
+            q = self._rotate(
+                attn.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2), cos4, sin4
+            )
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return _PrefixKV(keys, values)
+
+    def _prefix_state(self, pq: QwenPreparedQuery) -> _PrefixKV:
+        state = pq.state
+        if state is None:
+            vis = self._vision(pq.images)
+            h, pos, _ = self._embed([(pq.shared_ids, pq.shared_pos, pq.images)], vis)
+            out = self._forward(h, pos, None, None)
+            assert isinstance(out, _PrefixKV)
+            state = out
+            pq.state = state
+        return state
+
+    def _batches(self, idx: list[int], pairs: Sequence[QwenPreparedPair]) -> list[list[int]]:
+        """Length-sorted sub-batches within the token budget (padded tokens) and the pair limit."""
+        order = sorted(idx, key=lambda i: len(pairs[i].ids), reverse=True)
+        out: list[list[int]] = []
+        cur: list[int] = []
+        width = 0
+        for i in order:
+            n = len(pairs[i].ids)
+            w = max(width, n)
+            if cur and (
+                w * (len(cur) + 1) > self.settings.batch_token_budget
+                or len(cur) >= self.settings.max_batch_pairs
+            ):
+                out.append(cur)
+                cur, w = [], n
+            cur.append(i)
+            width = w
+        if cur:
+            out.append(cur)
+        return out
+
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:  # type: ignore[override]
+        try:
+            return self._score(pairs)
+        except LycheeError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise DeviceOutOfMemory(f"device out of memory scoring {len(pairs)} pairs") from exc
+        except Exception as exc:
+            raise InternalError(f"scoring failed: {type(exc).__name__}: {exc}") from exc
+
+    def _score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
+        result = [0.0] * len(pairs)
+        groups: dict[int, list[int]] = {}
+        queries: dict[int, QwenPreparedQuery] = {}
+        fallback: list[int] = []
+        for i, pr in enumerate(pairs):
+            if pr.reuse:
+                groups.setdefault(id(pr.query), []).append(i)
+                queries[id(pr.query)] = pr.query
+            else:
+                fallback.append(i)
+        work: list[tuple[_PrefixKV | None, list[int]]] = []
+        for qid, idx in groups.items():
+            work.append((self._prefix_state(queries[qid]), idx))
+        if fallback:
+            work.append((None, fallback))
+        for prefix, idx in work:
+            for batch in self._batches(idx, pairs):
+                rows = [(pairs[i].ids, pairs[i].positions, pairs[i].images) for i in batch]
+                vis = self._vision([it for r in rows for it in r[2]])
+                h, pos, last = self._embed(rows, vis)
+                diff = self._forward(h, pos, last, prefix)
+                assert isinstance(diff, torch.Tensor)
+                for i, d in zip(batch, diff.cpu().tolist(), strict=True):
+                    result[i] = float(d)
+        return result
+
+    def warmup(self) -> None:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(buf, format="PNG")
+        from lychee_server.domain import DEFAULT_INSTRUCTION, MediaType
+
+        pq = self.prepare_query(DEFAULT_INSTRUCTION, Content(text="warm-up query"), 512)
+        try:
+            docs = [
+                Content(text="warm-up document"),
+                Content(image=ImageInput(buf.getvalue(), MediaType.PNG)),
+            ]
+            self.score([self.prepare_pair(pq, d) for d in docs])
+        finally:
+            self.release(pq)
+        self.vision_cache.clear()
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False)

@@ -1,0 +1,563 @@
+"""The scheduler: admission control, CPU preparation, dynamic batching, one device thread.
+
+Design (TEI-like; one asyncio task owns the device queue):
+
+* **Admission.** A request is admitted only if its pairs fit under ``max_inflight_pairs``
+  (counted from admission until the request is *retired*: answered and no longer touched by a
+  worker or the device). Otherwise it fails at once with RESOURCE_EXHAUSTED / OVERLOADED and a
+  retry delay — never an unbounded wait, which would only move the queue into the clients'
+  deadlines. A single request larger than the whole capacity is admitted when the scheduler is
+  idle (nothing else in flight): the edge already bounds it by ``max_documents``, and refusing
+  it would make it unservable forever on this configuration.
+* **Preparation** (``engine.prepare_query`` / ``prepare_pair``: tokenize, decode images) runs on
+  a ``ThreadPoolExecutor(decode_threads)`` while the device works on earlier batches. Each
+  request keeps at most ``2 * decode_threads`` pair preparations submitted at a time, so a
+  1000-document request does not starve a later 3-document one of CPU (the executor is FIFO).
+* **Batching.** Prepared pairs wait in one FIFO queue. The batching task takes pairs from the
+  head (mixing requests) up to ``max_batch_pairs`` and ``batch_token_budget``, where the token
+  cost of a batch is the padded estimate ``pairs * max(pair.cost_tokens)`` plus each distinct
+  request's shared prefix (``PreparedQuery.cost_tokens``) once. A batch that is not full waits
+  at most ``max_batch_wait_ms`` (from its oldest pair's readiness) for more pairs — and only
+  while admitted pairs are still being prepared; otherwise nothing can arrive soon and waiting
+  would be pure latency. A single pair over the budget still runs, alone.
+* **Device.** ``engine.score`` runs on one dedicated thread: the device is used by one batch at
+  a time, and the event loop never blocks on it.
+* **Dropping work.** A request that is done (answered, failed, cancelled by its caller, past its
+  deadline) has its queued pairs purged and its pending preparations cancelled, so none of its
+  remaining batches reach the device. Its ``PreparedQuery`` is released once nothing uses it
+  any more (no preparation running, no batch on the device carrying its pairs).
+* **Failures.** Every request future is resolved exactly once on every path. A batch that fails
+  fails exactly the requests that had pairs in it (``InternalError``, original exception
+  chained); ``DeviceOutOfMemory`` first splits the batch in halves recursively, down to single
+  pairs, and only the pairs that still do not fit fail their requests (DEVICE_OUT_OF_MEMORY).
+  Input errors from preparation are re-rooted at ``query`` / ``documents[i]``.
+
+All mutable state is touched on the event loop thread only; worker threads hand results back
+with ``call_soon_threadsafe``. Deadlines are absolute ``time.monotonic()`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import enum
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from lychee_server import errors
+from lychee_server.domain import RankedDocument, RerankJob, RerankResult, ScoreKind, Timings, Usage
+from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, probability
+from lychee_server.metrics import Metrics
+from lychee_server.settings import Settings
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# What the device thread returns per pair: a logit difference, or why that pair failed.
+_Outcome = float | BaseException
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class _Request:
+    """Book-keeping of one admitted request (event-loop thread only)."""
+
+    job: RerankJob
+    deadline: float | None
+    fut: asyncio.Future[RerankResult]
+    admitted: float
+    n: int
+    pq: PreparedQuery | None = None
+    query_future: cf.Future[Any] | None = None
+    prep_futures: set[cf.Future[Any]] = field(default_factory=set)
+    next_doc: int = 0  # next document to submit for preparation
+    undelivered: int = 0  # admitted pairs not yet prepared (or dropped)
+    remaining: int = 0  # pairs not yet scored
+    on_device: int = 0  # batches on the device carrying this request's pairs
+    scores: list[float] = field(default_factory=list)
+    pairs: list[PreparedPair | None] = field(default_factory=list)
+    first_dispatch: float | None = None
+    prep_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    retired: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.fut.done()
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One prepared pair waiting for the device."""
+
+    req: _Request
+    index: int
+    pair: PreparedPair
+    ready: float
+
+
+def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
+    """Run ``fn`` on a worker thread and report its duration alongside the result."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def _sort_key(score: float) -> float:
+    """Descending score; a NaN (a broken forward) sorts last instead of scrambling the order."""
+    return math.inf if math.isnan(score) else -score
+
+
+class Scheduler:
+    """Admits rerank jobs, prepares them on CPU threads and scores them in shared device batches."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None) -> None:
+        self._engine = engine
+        self._settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._max_pairs = settings.max_batch_pairs
+        self._budget = settings.batch_token_budget
+        self._max_wait = settings.max_batch_wait_ms / 1000.0
+        self._capacity = settings.max_inflight_pairs
+        self._window = max(2, 2 * settings.decode_threads)
+        self._state = _State.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._prep_pool: cf.ThreadPoolExecutor | None = None
+        self._device_pool: cf.ThreadPoolExecutor | None = None
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._requests: set[_Request] = set()  # admitted, not yet retired
+        self._inflight_pairs = 0
+        self._preparing = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._model_id = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Create the worker threads and the batching task (call from the serving event loop)."""
+        if self._state is not _State.NEW:
+            raise RuntimeError("Scheduler.start() called twice")
+        self._loop = asyncio.get_running_loop()
+        self._model_id = self._engine.info.model_id
+        self._prep_pool = cf.ThreadPoolExecutor(self._settings.decode_threads, thread_name_prefix="lychee-prep")
+        self._device_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lychee-device")
+        self._task = asyncio.create_task(self._batch_loop(), name="lychee-batcher")
+        self._state = _State.RUNNING
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new jobs, let admitted ones finish for up to ``grace_s``, then :meth:`stop`."""
+        if self._state is _State.RUNNING:
+            self._state = _State.DRAINING
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Fail every unfinished job with UNAVAILABLE / SHUTTING_DOWN and stop the threads."""
+        if self._state is _State.STOPPED:
+            return
+        self._state = _State.STOPPED
+        for req in list(self._requests):
+            self._fail(req, errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # The device thread may be inside a forward pass: do not block the loop joining it.
+        for pool in (self._prep_pool, self._device_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no admitted pair is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def inflight_pairs(self) -> int:
+        return self._inflight_pairs
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._state is _State.RUNNING
+
+    # ------------------------------------------------------------------ public entry
+    async def rerank(self, job: RerankJob, deadline: float | None = None) -> RerankResult:
+        """Score ``job``; ``deadline`` is an absolute ``time.monotonic()`` value (None = none).
+
+        Raises the ``errors`` types: ResourceExhausted (not admitted), DeadlineExceeded,
+        Unavailable (not started / shutting down), InvalidInput (re-rooted at the bad field),
+        InternalError. Cancelling the awaiting task abandons the job: its pending work is dropped.
+        """
+        if self._state is not _State.RUNNING:
+            if self._state is _State.NEW:
+                raise errors.Unavailable("the scheduler is not started yet", reason="NOT_READY")
+            raise errors.Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+        n = len(job.documents)
+        if n == 0:
+            raise errors.InvalidInput("a request needs at least one document", reason="NO_DOCUMENTS")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise errors.DeadlineExceeded("the deadline expired before the request was admitted")
+        if self._inflight_pairs > 0 and self._inflight_pairs + n > self._capacity:
+            self.metrics.rejected.labels("OVERLOADED").inc()
+            raise errors.ResourceExhausted(
+                f"server at capacity: {self._inflight_pairs} pairs in flight, {n} more requested, "
+                f"limit {self._capacity}",
+                reason="OVERLOADED",
+                retry_after=self._settings.retry_after_s,
+            )
+        assert self._loop is not None and self._prep_pool is not None
+        req = _Request(
+            job=job,
+            deadline=deadline,
+            fut=self._loop.create_future(),
+            admitted=now,
+            n=n,
+            undelivered=n,
+            remaining=n,
+            scores=[math.nan] * n,
+            pairs=[None] * n,
+        )
+        self._requests.add(req)
+        self._inflight_pairs += n
+        self._preparing += n
+        self._idle.clear()
+        self._update_gauges()
+        req.query_future = self._prep_pool.submit(
+            _timed, self._engine.prepare_query, job.instruction, job.query, job.options.max_length
+        )
+        req.query_future.add_done_callback(self._from_thread(self._on_query_ready, req))
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait((req.fut,), timeout=timeout)
+            if not done:
+                self._fail(req, errors.DeadlineExceeded("the deadline expired before the request was scored"))
+        except asyncio.CancelledError:
+            # The caller went away: drop what is left of its work, then let the cancellation go on.
+            self._abandon(req)
+            raise
+        return req.fut.result()
+
+    # ------------------------------------------------------------------ preparation
+    def _from_thread(self, fn: Callable[..., None], *args: Any) -> Callable[[cf.Future[Any]], None]:
+        """A done-callback for a worker future that runs ``fn(*args, future)`` on the loop."""
+        loop = self._loop
+        assert loop is not None
+
+        def callback(fut: cf.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+                loop.call_soon_threadsafe(fn, *args, fut)
+
+        return callback
+
+    def _on_query_ready(self, req: _Request, fut: cf.Future[Any]) -> None:
+        req.query_future = None
+        if not fut.cancelled():
+            exc = fut.exception()
+            if exc is not None:
+                self._fail(req, self._prep_error(exc, "query"))
+            else:
+                pq, seconds = fut.result()
+                req.pq = pq
+                req.prep_seconds += seconds
+                self.metrics.preprocess_seconds.labels("query").observe(seconds)
+                if not req.done:
+                    self._fill_prep_window(req)
+        self._maybe_retire(req)
+
+    def _fill_prep_window(self, req: _Request) -> None:
+        pool = self._prep_pool
+        if pool is None or self._state is _State.STOPPED:
+            return
+        while req.next_doc < req.n and len(req.prep_futures) < self._window:
+            i = req.next_doc
+            req.next_doc += 1
+            fut = pool.submit(_timed, self._engine.prepare_pair, req.pq, req.job.documents[i].content)
+            req.prep_futures.add(fut)
+            fut.add_done_callback(self._from_thread(self._on_pair_ready, req, i))
+
+    def _on_pair_ready(self, req: _Request, index: int, fut: cf.Future[Any]) -> None:
+        req.prep_futures.discard(fut)
+        if not req.done and not fut.cancelled():
+            exc = fut.exception()
+            if exc is not None:
+                self._fail(req, self._prep_error(exc, f"documents[{index}]"))
+            else:
+                pair, seconds = fut.result()
+                req.prep_seconds += seconds
+                self.metrics.preprocess_seconds.labels("pair").observe(seconds)
+                req.pairs[index] = pair
+                req.undelivered -= 1
+                self._preparing -= 1
+                self._queue.append(_Item(req, index, pair, time.monotonic()))
+                self._update_gauges()
+                self._wakeup.set()
+                self._fill_prep_window(req)
+        self._maybe_retire(req)
+
+    @staticmethod
+    def _prep_error(exc: BaseException, where: str) -> errors.LycheeError:
+        """Input problems point at the offending field; anything unexpected is a server fault."""
+        if isinstance(exc, errors.InvalidInput | errors.Unsupported):
+            return exc.at(where)
+        if isinstance(exc, errors.LycheeError):
+            return exc
+        err = errors.InternalError(f"preparing {where} failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    # ------------------------------------------------------------------ completion paths
+    def _fail(self, req: _Request, err: BaseException) -> None:
+        if req.done:
+            return
+        req.fut.set_exception(err)
+        self._on_done(req)
+
+    def _abandon(self, req: _Request) -> None:
+        if not req.done:
+            req.fut.cancel()
+        self._on_done(req)
+
+    def _on_done(self, req: _Request) -> None:
+        """The request has its answer: stop all of its remaining work."""
+        self._preparing -= req.undelivered
+        req.undelivered = 0
+        for fut in list(req.prep_futures):
+            fut.cancel()  # a running preparation finishes; a queued one never starts
+        if req.query_future is not None:
+            req.query_future.cancel()
+        if any(item.req is req for item in self._queue):
+            kept = collections.deque(item for item in self._queue if item.req is not req)
+            self.metrics.pairs_dropped.inc(len(self._queue) - len(kept))
+            self._queue = kept
+        self._update_gauges()
+        self._maybe_retire(req)
+
+    def _maybe_retire(self, req: _Request) -> None:
+        """Free the request's capacity and prefix once nothing can touch it any more."""
+        if req.retired or not req.done or req.query_future is not None or req.prep_futures or req.on_device:
+            return
+        req.retired = True
+        self._requests.discard(req)
+        self._inflight_pairs -= req.n
+        if req.pq is not None:
+            self._release(req.pq)
+            req.pq = None
+        if self._inflight_pairs == 0:
+            self._idle.set()
+        self._update_gauges()
+
+    def _release(self, pq: PreparedQuery) -> None:
+        """Release inline: it only drops per-request state, and doing it here (not on a worker)
+        means it can neither be lost in a shutdown nor race the next request's bookkeeping."""
+        try:
+            self._engine.release(pq)
+        except Exception:
+            log.exception("engine.release failed")
+
+    def _finish(self, req: _Request) -> None:
+        """All pairs scored: rank them and answer the caller."""
+        job = req.job
+        kind = job.options.score_kind
+        values = [probability(s) if kind is ScoreKind.PROBABILITY else s for s in req.scores]
+        order = sorted(range(req.n), key=lambda i: (_sort_key(values[i]), i))
+        if job.options.top_n is not None:
+            order = order[: job.options.top_n]
+        pairs = [p for p in req.pairs if p is not None]
+        results = []
+        for i in order:
+            doc = job.documents[i]
+            pair = req.pairs[i]
+            results.append(
+                RankedDocument(
+                    index=i,
+                    score=values[i],
+                    id=doc.id,
+                    text=doc.content.text if job.options.return_text else None,
+                    truncated=bool(pair is not None and pair.truncated),
+                )
+            )
+        query_images = req.pq.num_images if req.pq is not None else 0
+        usage = Usage(
+            pairs=req.n,
+            tokens=sum(p.total_tokens for p in pairs),
+            images=query_images + sum(p.num_images for p in pairs),
+            truncated_documents=sum(1 for p in pairs if p.truncated),
+        )
+        now = time.monotonic()
+        first = req.first_dispatch if req.first_dispatch is not None else now
+        timings = Timings(
+            queue=first - req.admitted,
+            preprocessing=req.prep_seconds,
+            inference=req.infer_seconds,
+            total=now - req.admitted,
+        )
+        req.fut.set_result(RerankResult(tuple(results), usage, timings, model=self._model_id))
+        self._on_done(req)
+
+    # ------------------------------------------------------------------ batching
+    async def _batch_loop(self) -> None:
+        while True:
+            batch: list[_Item] = []
+            try:
+                batch, tokens = await self._next_batch()
+                await self._run_batch(batch, tokens)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not leave waiters hanging
+                log.exception("batch bookkeeping failed")
+                victims = {item.req for item in batch} or set(self._requests)
+                for req in victims:
+                    self._fail(req, self._device_error(exc))
+
+    async def _next_batch(self) -> tuple[list[_Item], int]:
+        while True:
+            self._expire_deadlines()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            count, tokens, full = self._plan_batch()
+            remaining = self._queue[0].ready + self._max_wait - time.monotonic()
+            if full or self._preparing == 0 or remaining <= 0:
+                batch = [self._queue.popleft() for _ in range(count)]
+                self._update_gauges()
+                return batch, tokens
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+
+    def _plan_batch(self) -> tuple[int, int, bool]:
+        """How many head-of-queue pairs fit one batch, their token estimate, and whether it is full."""
+        count = 0
+        max_cost = 0
+        prefix = 0
+        seen: set[int] = set()
+        for item in self._queue:
+            if count == self._max_pairs:
+                return count, count * max_cost + prefix, True
+            cost = max(max_cost, item.pair.cost_tokens)
+            extra = 0 if id(item.req) in seen else item.pair.query.cost_tokens
+            estimate = (count + 1) * cost + prefix + extra
+            if count > 0 and estimate > self._budget:
+                return count, count * max_cost + prefix, True
+            seen.add(id(item.req))
+            count += 1
+            max_cost = cost
+            prefix += extra
+        return count, count * max_cost + prefix, count >= self._max_pairs
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for req in list(self._requests):
+            if not req.done and req.deadline is not None and req.deadline <= now:
+                self._fail(req, errors.DeadlineExceeded("the deadline expired while the request was queued"))
+
+    async def _run_batch(self, batch: list[_Item], tokens: int) -> None:
+        assert self._loop is not None and self._device_pool is not None
+        reqs = {item.req for item in batch}
+        start = time.monotonic()
+        for req in reqs:
+            req.on_device += 1
+            if req.first_dispatch is None:
+                req.first_dispatch = start
+        self.metrics.batch_pairs.observe(len(batch))
+        self.metrics.batch_tokens.observe(tokens)
+        pairs = [item.pair for item in batch]
+        seconds = 0.0
+        try:
+            try:
+                outcomes, seconds = await self._loop.run_in_executor(
+                    self._device_pool, self._score_on_device, pairs
+                )
+            except asyncio.CancelledError:
+                # Shutting down while the device may still read these prefixes: never retire them.
+                reqs = set()
+                raise
+            except Exception as exc:  # the executor itself failed (shut down)
+                outcomes, seconds = [exc] * len(pairs), time.monotonic() - start
+            self.metrics.inference_seconds.observe(seconds)
+            scored = 0
+            for item, outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    self._fail(item.req, self._device_error(outcome))
+                    continue
+                scored += 1
+                if not item.req.done:
+                    item.req.scores[item.index] = outcome
+                    item.req.remaining -= 1
+            self.metrics.pairs_scored.inc(scored)
+        finally:
+            for req in reqs:
+                req.infer_seconds += seconds
+                req.on_device -= 1
+                if not req.done and req.remaining == 0:
+                    self._finish(req)
+                self._maybe_retire(req)
+
+    def _score_on_device(self, pairs: Sequence[PreparedPair]) -> tuple[list[_Outcome], float]:
+        """Device thread: score a batch, splitting it on out-of-memory errors."""
+        t0 = time.perf_counter()
+        outcomes = self._score_split(pairs)
+        return outcomes, time.perf_counter() - t0
+
+    def _score_split(self, pairs: Sequence[PreparedPair]) -> list[_Outcome]:
+        try:
+            scores = self._engine.score(pairs)
+            if len(scores) != len(pairs):
+                raise errors.InternalError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
+            return [float(s) for s in scores]
+        except errors.DeviceOutOfMemory as exc:
+            if len(pairs) == 1:
+                return [exc]
+            self.metrics.oom_splits.inc()
+            half = len(pairs) // 2
+            return self._score_split(pairs[:half]) + self._score_split(pairs[half:])
+        except Exception as exc:
+            return [exc] * len(pairs)
+
+    @staticmethod
+    def _device_error(exc: BaseException) -> errors.LycheeError:
+        if isinstance(exc, errors.DeviceOutOfMemory):
+            err: errors.LycheeError = errors.DeviceOutOfMemory(
+                "the device ran out of memory even on a single pair; lower max_length or image sizes"
+            )
+        elif isinstance(exc, errors.LycheeError):
+            return exc
+        else:
+            err = errors.InternalError(f"scoring failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(len(self._queue))
+        m.preparing_pairs.set(self._preparing)
+        m.inflight_pairs.set(self._inflight_pairs)
+        m.inflight_requests.set(len(self._requests))

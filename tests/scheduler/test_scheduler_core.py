@@ -1,0 +1,343 @@
+"""Scheduler behaviour against the in-memory engine double (no model, no gRPC).
+
+The device "gate" of :class:`harness.FakeEngine` holds a batch on the device thread, so the tests
+build exact situations (work queued behind a running batch) and never sleep to win a race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from harness import FakeEngine, eventually, wait_thread_event
+
+from lychee_server import errors
+from lychee_server.domain import Content, Document, ImageInput, MediaType, RerankJob, RerankOptions, ScoreKind
+from lychee_server.engine.interface import probability
+from lychee_server.scheduler import Scheduler
+from lychee_server.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+WAIT = 10.0
+
+
+def make_job(
+    *texts: str,
+    top_n: int | None = None,
+    kind: ScoreKind = ScoreKind.LOGIT,
+    return_text: bool = False,
+    max_length: int = 3200,
+    ids: list[str | None] | None = None,
+    query: Content | None = None,
+    images: set[int] | frozenset[int] = frozenset(),
+) -> RerankJob:
+    docs = []
+    for i, text in enumerate(texts):
+        image = ImageInput(b"\x89PNG", MediaType.PNG) if i in images else None
+        docs.append(Document(Content(text=text, image=image), id=ids[i] if ids else None))
+    return RerankJob(
+        instruction="inst",
+        query=query or Content(text="q"),
+        documents=tuple(docs),
+        options=RerankOptions(top_n=top_n, score_kind=kind, max_length=max_length, return_text=return_text),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(engine: FakeEngine, **overrides: Any) -> AsyncIterator[Scheduler]:
+    values: dict[str, Any] = {"decode_threads": 2, "max_batch_wait_ms": 0.0}
+    values.update(overrides)
+    sched = Scheduler(engine, Settings(**values))
+    await sched.start()
+    try:
+        yield sched
+    finally:
+        engine.gate.open()
+        await sched.stop()
+
+
+def sample(sched: Scheduler, name: str, labels: dict[str, str] | None = None) -> float:
+    value = sched.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+async def hold_device(engine: FakeEngine, sched: Scheduler, text: str = "0") -> asyncio.Task[Any]:
+    """Start a 1-document request and wait until its batch is held on the device thread."""
+    engine.gate.close()
+    task = asyncio.create_task(sched.rerank(make_job(text)))
+    await wait_thread_event(engine.gate.entered)
+    return task
+
+
+async def test_ranking_ties_top_n_text_ids_usage() -> None:
+    engine = FakeEngine(prefix_tokens=5)
+    async with running(engine) as sched:
+        job = make_job(
+            "1.0", "3.0", "1.0", "2.0",
+            top_n=3, return_text=True, ids=["a", None, "c", "d"], max_length=2,
+            query=Content(text="q", image=ImageInput(b"x", MediaType.JPEG)), images={3},
+        )  # fmt: skip
+        result = await asyncio.wait_for(sched.rerank(job), WAIT)
+    assert [r.index for r in result.results] == [1, 3, 0]  # tie 0/2 keeps input order
+    assert [r.score for r in result.results] == [3.0, 2.0, 1.0]
+    assert [r.id for r in result.results] == [None, "d", "a"]
+    assert [r.text for r in result.results] == ["3.0", "2.0", "1.0"]
+    assert all(r.truncated for r in result.results)  # 3 chars > max_length 2
+    assert result.usage.pairs == 4
+    assert result.usage.tokens == 4 * (2 + 5)  # truncated to max_length, plus the prefix
+    assert result.usage.images == 2  # query image once + one document image
+    assert result.usage.truncated_documents == 4
+    assert result.model == "fake-lychee"
+    t = result.timings
+    assert t.queue >= 0 and t.preprocessing > 0 and t.inference > 0 and t.total >= t.inference
+
+
+async def test_probability_scores_and_no_text_by_default() -> None:
+    engine = FakeEngine()
+    async with running(engine) as sched:
+        result = await asyncio.wait_for(sched.rerank(make_job("-1.5", "0.25", kind=ScoreKind.PROBABILITY)), WAIT)
+    assert [r.index for r in result.results] == [1, 0]
+    assert math.isclose(result.results[0].score, probability(0.25))
+    assert math.isclose(result.results[1].score, probability(-1.5))
+    assert all(r.text is None for r in result.results)
+
+
+async def test_concurrent_requests_share_a_batch() -> None:
+    engine = FakeEngine()
+    async with running(engine, max_batch_pairs=8) as sched:
+        held = await hold_device(engine, sched)
+        b = asyncio.create_task(sched.rerank(make_job("b1", "b2", "b3")))
+        c = asyncio.create_task(sched.rerank(make_job("c1", "c2", "c3")))
+        await eventually(lambda: sched.queue_depth == 6, WAIT, "6 queued pairs")
+        assert sample(sched, "lychee_queue_depth") == 6
+        engine.gate.open()
+        rb, rc = await asyncio.wait_for(asyncio.gather(b, c), WAIT)
+        await asyncio.wait_for(held, WAIT)
+    assert sorted(engine.batches[1]) == ["b1", "b2", "b3", "c1", "c2", "c3"]
+    assert len(engine.batches) == 2
+    assert {r.index for r in rb.results} == {0, 1, 2} and {r.index for r in rc.results} == {0, 1, 2}
+    assert sample(sched, "lychee_batch_pairs_count") == 2
+    assert sample(sched, "lychee_batch_pairs_sum") == 7
+    assert sample(sched, "lychee_pairs_scored_total") == 7
+
+
+async def test_batch_waits_to_fill_only_while_pairs_are_coming() -> None:
+    engine = FakeEngine()
+    async with running(engine, max_batch_pairs=4, max_batch_wait_ms=5000) as sched:
+        # Both requests are admitted before any pair is ready, so the batch waits for the second
+        # one (full at 4 pairs) instead of leaving with the first two.
+        await asyncio.wait_for(
+            asyncio.gather(sched.rerank(make_job("a1", "a2")), sched.rerank(make_job("b1", "b2"))), WAIT
+        )
+        assert sorted(engine.batches[0]) == ["a1", "a2", "b1", "b2"]
+        # A lone request: nothing else is being prepared, so it must not sit out the 5 s wait.
+        t0 = time.monotonic()
+        await asyncio.wait_for(sched.rerank(make_job("c1", "c2")), WAIT)
+        assert time.monotonic() - t0 < 2.5
+
+
+async def test_token_budget_with_padding_and_prefix() -> None:
+    engine = FakeEngine()
+    async with running(engine, batch_token_budget=64, max_batch_pairs=64) as sched:
+        held = await hold_device(engine, sched)
+        # Padded cost = pairs * longest: 10 + 30 fit (60); adding another 10 would cost 90.
+        texts = ["a" * 10, "b" * 30, "c" * 10, "d" * 10, "e" * 10, "f" * 100]
+        task = asyncio.create_task(sched.rerank(make_job(*texts)))
+        await eventually(lambda: sched.queue_depth == len(texts), WAIT, "all pairs queued")
+        engine.gate.open()
+        await asyncio.wait_for(task, WAIT)
+        await held
+    sizes = [[len(t) for t in batch] for batch in engine.batches[1:]]
+    assert sizes == [[10, 30], [10, 10, 10], [100]]  # an over-budget pair still runs, alone
+    for batch in sizes[:-1]:
+        assert len(batch) * max(batch) <= 64
+    assert sample(sched, "lychee_batch_tokens_sum") == 1 + 60 + 30 + 100
+
+
+async def test_prefix_tokens_count_once_per_request() -> None:
+    engine = FakeEngine(prefix_tokens=24)
+    async with running(engine, batch_token_budget=64, max_batch_pairs=64) as sched:
+        held = await hold_device(engine, sched)
+        task = asyncio.create_task(sched.rerank(make_job(*(["x" * 10] * 6))))
+        await eventually(lambda: sched.queue_depth == 6, WAIT, "all pairs queued")
+        engine.gate.open()
+        await asyncio.wait_for(task, WAIT)
+        await held
+    assert [len(b) for b in engine.batches[1:]] == [4, 2]  # 24 + 4 * 10 = 64
+
+
+async def test_overload_is_rejected_at_once_and_capacity_returns() -> None:
+    engine = FakeEngine()
+    async with running(engine, max_inflight_pairs=4, retry_after_s=0.25) as sched:
+        held = await hold_device(engine, sched)
+        admitted = asyncio.create_task(sched.rerank(make_job("1", "2")))
+        await eventually(lambda: sched.inflight_pairs == 3, WAIT, "3 pairs in flight")
+        with pytest.raises(errors.ResourceExhausted) as info:
+            await asyncio.wait_for(sched.rerank(make_job("3", "4")), 1.0)
+        assert info.value.reason == "OVERLOADED"
+        assert info.value.retry_after == 0.25
+        assert sample(sched, "lychee_rejected_requests_total", {"reason": "OVERLOADED"}) == 1
+        last = asyncio.create_task(sched.rerank(make_job("5")))  # exactly fills the capacity
+        engine.gate.open()
+        await asyncio.wait_for(asyncio.gather(held, admitted, last), WAIT)
+        assert await sched.wait_idle(WAIT)
+        assert sample(sched, "lychee_inflight_pairs") == 0
+        # A job larger than the whole capacity is admitted when nothing else is in flight.
+        big = await asyncio.wait_for(sched.rerank(make_job(*[str(i) for i in range(10)])), WAIT)
+        assert len(big.results) == 10
+
+
+async def test_deadline_expires_in_queue_and_work_never_reaches_device() -> None:
+    engine = FakeEngine()
+    async with running(engine) as sched:
+        held = await hold_device(engine, sched)
+        t0 = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded) as info:
+            await asyncio.wait_for(sched.rerank(make_job("late1", "late2"), deadline=t0 + 0.1), WAIT)
+        assert info.value.reason == "DEADLINE_EXCEEDED"
+        assert not held.done()  # it expired while the device was still busy
+        assert sched.queue_depth == 0
+        engine.gate.open()
+        await asyncio.wait_for(held, WAIT)
+        assert await sched.wait_idle(WAIT)
+        with pytest.raises(errors.DeadlineExceeded):
+            await sched.rerank(make_job("x"), deadline=time.monotonic() - 1)
+    assert "late1" not in engine.scored_texts and "late2" not in engine.scored_texts
+    assert len(engine.released) == 2  # the expired request's prefix was released too
+
+
+async def test_cancelled_caller_drops_queued_work() -> None:
+    engine = FakeEngine()
+    async with running(engine) as sched:
+        held = await hold_device(engine, sched)
+        task = asyncio.create_task(sched.rerank(make_job("gone1", "gone2", "gone3")))
+        await eventually(lambda: sched.queue_depth == 3, WAIT, "3 queued pairs")
+        assert sample(sched, "lychee_inflight_pairs") == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sched.queue_depth == 0
+        engine.gate.open()
+        await asyncio.wait_for(held, WAIT)
+        assert await sched.wait_idle(WAIT)
+        assert sample(sched, "lychee_inflight_pairs") == 0
+        assert sample(sched, "lychee_inflight_requests") == 0
+        assert sample(sched, "lychee_pairs_dropped_total") == 3
+    assert not any(t.startswith("gone") for t in engine.scored_texts)
+    assert len(engine.released) == 2
+
+
+async def test_cancel_mid_request_skips_its_remaining_batches() -> None:
+    engine = FakeEngine()
+    async with running(engine, max_batch_pairs=2) as sched:
+        engine.gate.close()
+        task = asyncio.create_task(sched.rerank(make_job(*[f"d{i}" for i in range(8)])))
+        await wait_thread_event(engine.gate.entered)  # the first batch is on the device
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        engine.gate.open()
+        assert await sched.wait_idle(WAIT)
+        assert sample(sched, "lychee_inflight_pairs") == 0
+    assert len(engine.batches) == 1 and 1 <= len(engine.batches[0]) <= 2
+    assert len(engine.released) == 1
+
+
+async def test_failed_batch_fails_exactly_its_requests() -> None:
+    engine = FakeEngine(fail_when=["boom"])
+    async with running(engine, max_batch_pairs=3) as sched:
+        held = await hold_device(engine, sched)
+        b = asyncio.create_task(sched.rerank(make_job("boom", "1")))
+        await eventually(lambda: sched.queue_depth == 2, WAIT, "b queued")
+        c = asyncio.create_task(sched.rerank(make_job("2")))
+        await eventually(lambda: sched.queue_depth == 3, WAIT, "c queued")
+        d = asyncio.create_task(sched.rerank(make_job("3", "4")))
+        await eventually(lambda: sched.queue_depth == 5, WAIT, "d queued")
+        engine.gate.open()
+        done = await asyncio.wait_for(asyncio.gather(held, b, c, d, return_exceptions=True), WAIT)
+        assert await sched.wait_idle(WAIT)
+    _, rb, rc, rd = done
+    for err in (rb, rc):  # both had pairs in the failed batch [boom, 1, 2]
+        assert isinstance(err, errors.InternalError) and not isinstance(err, errors.DeviceOutOfMemory)
+        assert err.reason == "INTERNAL_ERROR"
+        assert isinstance(err.__cause__, RuntimeError)
+    assert not isinstance(rd, BaseException)
+    assert [r.index for r in rd.results] == [1, 0]
+
+
+async def test_prepare_error_is_rerooted_at_the_document() -> None:
+    engine = FakeEngine()
+    async with running(engine) as sched:
+        with pytest.raises(errors.InvalidInput) as info:
+            await asyncio.wait_for(sched.rerank(make_job("1", "2", "3", "bad image")), WAIT)
+        assert info.value.reason == "IMAGE_DECODE_FAILED"
+        assert [v.field for v in info.value.violations] == ["documents[3].image"]
+        assert await sched.wait_idle(WAIT)
+        ok = await asyncio.wait_for(sched.rerank(make_job("1")), WAIT)  # the scheduler carries on
+    assert ok.results[0].score == 1.0
+    assert len(engine.released) == 2
+
+
+async def test_oom_splits_batch_and_retries() -> None:
+    engine = FakeEngine(oom_above=2)
+    async with running(engine, max_batch_pairs=8) as sched:
+        held = await hold_device(engine, sched)
+        task = asyncio.create_task(sched.rerank(make_job(*[str(i) for i in range(8)])))
+        await eventually(lambda: sched.queue_depth == 8, WAIT, "8 queued pairs")
+        engine.gate.open()
+        result = await asyncio.wait_for(task, WAIT)
+        await held
+        assert [r.index for r in result.results] == list(range(7, -1, -1))
+        assert sample(sched, "lychee_oom_splits_total") == 3  # 8 -> 4 + 4 -> 2 + 2 + 2 + 2
+        assert sample(sched, "lychee_pairs_scored_total") == 9
+
+
+async def test_oom_on_single_pairs_fails_with_device_out_of_memory() -> None:
+    engine = FakeEngine(oom_above=0)
+    async with running(engine) as sched:
+        with pytest.raises(errors.DeviceOutOfMemory) as info:
+            await asyncio.wait_for(sched.rerank(make_job("1", "2", "3")), WAIT)
+        assert info.value.reason == "DEVICE_OUT_OF_MEMORY"
+        assert isinstance(info.value.__cause__, errors.DeviceOutOfMemory)
+        assert await sched.wait_idle(WAIT)
+
+
+async def test_stop_resolves_every_waiter() -> None:
+    engine = FakeEngine()
+    sched = Scheduler(engine, Settings(decode_threads=2, max_batch_wait_ms=0))
+    with pytest.raises(errors.Unavailable) as info:
+        await sched.rerank(make_job("1"))
+    assert info.value.reason == "NOT_READY"
+    await sched.start()
+    held = await hold_device(engine, sched)
+    queued = asyncio.create_task(sched.rerank(make_job("2", "3")))
+    await eventually(lambda: sched.queue_depth == 2, WAIT, "queued")
+    await asyncio.wait_for(sched.stop(), WAIT)
+    for task in (held, queued):
+        with pytest.raises(errors.Unavailable) as info:
+            await asyncio.wait_for(task, WAIT)
+        assert info.value.reason == "SHUTTING_DOWN"
+    engine.gate.open()
+    with pytest.raises(errors.Unavailable):
+        await sched.rerank(make_job("4"))
+
+
+async def test_drain_lets_admitted_work_finish() -> None:
+    engine = FakeEngine()
+    sched = Scheduler(engine, Settings(decode_threads=2, max_batch_wait_ms=0))
+    await sched.start()
+    held = await hold_device(engine, sched, "7")
+    drain = asyncio.create_task(sched.drain(WAIT))
+    await eventually(lambda: not sched.running, WAIT, "draining")
+    with pytest.raises(errors.Unavailable) as info:
+        await sched.rerank(make_job("1"))
+    assert info.value.reason == "SHUTTING_DOWN"
+    engine.gate.open()
+    result = await asyncio.wait_for(held, WAIT)
+    assert result.results[0].score == 7.0
+    await asyncio.wait_for(drain, WAIT)
