@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     vision_cache_entries: int = Field(
         2048, ge=0, description="Vision-tower outputs kept, keyed by image content hash (0 = off)."
     )
+    vision_cache_mib: int = Field(
+        2048,
+        ge=0,
+        description="Device memory the vision cache may hold, in MiB (a 1 Mpx image is ~9 MiB at 7B/bf16).",
+    )
     decode_threads: int = Field(4, ge=1, description="CPU threads that decode and preprocess images.")
 
     # --- request limits (reported by GetServerInfo) --------------------------------
