@@ -209,9 +209,12 @@ class FakeEngine:
 class GatedEngine:
     """Wraps a real engine: same answers, plus a device gate and a log of batch sizes."""
 
-    def __init__(self, inner: Engine) -> None:
+    def __init__(self, inner: Engine, *, hold_warmup: bool = False) -> None:
         self.inner = inner
         self.gate = Gate()
+        self.warmup_gate = Gate()
+        if hold_warmup:
+            self.warmup_gate.close()
         self.batch_sizes: list[int] = []
 
     @property
@@ -233,7 +236,42 @@ class GatedEngine:
         self.inner.release(query)
 
     def warmup(self) -> None:
+        self.warmup_gate.pass_through()
         self.inner.warmup()
+
+
+# --------------------------------------------------------------------------- status details
+@dataclass(frozen=True)
+class ErrorDetails:
+    """The AIP-193 details of a failed call, decoded from ``grpc-status-details-bin``."""
+
+    code: Any  # grpc.StatusCode
+    reason: str
+    metadata: dict[str, str]
+    fields: list[str]
+    retry_delay: float | None
+
+
+def error_details(err: Any) -> ErrorDetails:
+    """Decode an ``AioRpcError``'s rich status (ErrorInfo, BadRequest, RetryInfo)."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    raw = next((v for k, v in (err.trailing_metadata() or ()) if k == "grpc-status-details-bin"), None)
+    if raw is None:
+        return ErrorDetails(err.code(), "", {}, [], None)
+    status = status_pb2.Status.FromString(raw)
+    reason, meta, fields, delay = "", {}, [], None
+    for any_msg in status.details:
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
+        if any_msg.Unpack(info):
+            reason, meta = info.reason, dict(info.metadata)
+        elif any_msg.Unpack(bad):
+            fields = [v.field for v in bad.field_violations]
+        elif any_msg.Unpack(retry):
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    return ErrorDetails(err.code(), reason, meta, fields, delay)
 
 
 # --------------------------------------------------------------------------- servers
@@ -378,3 +416,94 @@ def subprocess_server(
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- TLS material
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """A throwaway CA plus a server cert (SAN ``host`` and localhost) and a client cert, as PEM."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return path
+
+    def write_cert(cert: x509.Certificate, path: Path) -> Path:
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("lychee test CA"))
+        .issuer_name(name("lychee test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    server_key, server_cert = leaf(
+        "lychee test server",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")],
+    )
+    client_key, client_cert = leaf("lychee test client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    directory.mkdir(parents=True, exist_ok=True)
+    return TlsFiles(
+        ca_cert=write_cert(ca_cert, directory / "ca.pem"),
+        server_cert=write_cert(server_cert, directory / "server.pem"),
+        server_key=write_key(server_key, directory / "server.key"),
+        client_cert=write_cert(client_cert, directory / "client.pem"),
+        client_key=write_key(client_key, directory / "client.key"),
+    )

@@ -89,7 +89,7 @@ ScoreFn = Callable[[Sequence[FileDoc]], list[float]]
 def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None]]:
     import os
 
-    from lychee.rerank.client import Document, LycheeClient, Query
+    from lychee.rerank.client import Doc, LycheeClient, Query
 
     client = LycheeClient(
         ns.target,
@@ -102,7 +102,7 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None]]
     def score(docs: Sequence[FileDoc]) -> list[float]:
         result = client.rerank(
             query,
-            [Document(text=d.text, image=d.image) for d in docs],
+            [Doc(text=d.text, image=d.image) for d in docs],
             instruction=ns.instruction,
         )
         out = [0.0] * len(docs)

@@ -313,7 +313,8 @@ class Pki:
     server_key: Path
     client_cert: bytes
     client_key: bytes
-    rogue_client_cert: bytes  # issued by a CA the server does not trust
+    rogue_ca_cert: bytes  # a second CA, trusted by nobody here
+    rogue_client_cert: bytes  # issued by the second CA
     rogue_client_key: bytes
 
     @property
@@ -402,6 +403,7 @@ def make_pki(directory: Path) -> Pki:
         server_key=directory / "server.key",
         client_cert=client.public_bytes(pem),
         client_key=_pem_key(client_key),
+        rogue_ca_cert=rogue_ca.public_bytes(pem),
         rogue_client_cert=rogue.public_bytes(pem),
         rogue_client_key=_pem_key(rogue_key),
     )

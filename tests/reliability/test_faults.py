@@ -122,8 +122,8 @@ class FaultyEngine(GatedEngine):
         return pair
 
     def score(self, pairs: Sequence[Any]) -> list[float]:
+        self.batch_sizes.append(len(pairs))  # before the gate: visible once ``gate.entered`` is set
         self.gate.pass_through()
-        self.batch_sizes.append(len(pairs))
         with self._lock:
             marks = [self._marks.get(id(p), (None, "?", ""))[1:] for p in pairs]
             fault: BaseException | None = None

@@ -8,6 +8,7 @@ in ``build/reliability/security.json`` so the report shows what was tried, not j
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import io
 import os
@@ -139,8 +140,9 @@ async def test_bearer_token(
             failure = kit.decode_failure(err)
             assert failure.domain == "lychee.rerank.v1"
             for _, value in metadata:
-                token = value.split()[-1] if value.split() else value
-                assert token not in failure.details, "the presented token was echoed back"
+                token = value.partition(" ")[2] if " " in value else value
+                if token:
+                    assert token not in failure.details, "the presented token was echoed back"
     results = [CASES.check("bearer token", f"{case}: {rpc}", expected, got) for rpc, got in observed.items()]
     assert all(results), observed
 
@@ -200,7 +202,7 @@ async def test_tls_only_server(tiny_checkpoint: Path, kit: Any, pki: Any) -> Non
         cases = {
             "plaintext client": (None, "UNAVAILABLE/-"),
             "client trusting the server's CA": (tls_creds(pki), "OK"),
-            "client trusting another CA": (tls_creds(pki, trust=pki.rogue_client_cert), "UNAVAILABLE/-"),
+            "client trusting another CA": (tls_creds(pki, trust=pki.rogue_ca_cert), "UNAVAILABLE/-"),
         }
         ok = True
         for name, (creds, expected) in cases.items():
@@ -310,6 +312,9 @@ async def test_path_like_text_is_scored_as_text(
         "~/.ssh/id_rsa",
     ]
     async with running_server(tiny_checkpoint, warmup=False) as srv:
+        opened_paths.clear()
+        await asyncio.to_thread(secret.read_text)  # the spy must see opens from worker threads
+        assert any(secret.name in p for p in opened_paths), "the open() spy is blind"
         opened_paths.clear()
         async with kit.open_stub(srv.address) as stub:
             resp = await stub.Rerank(

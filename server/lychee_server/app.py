@@ -1,0 +1,259 @@
+"""Server assembly and lifecycle: gRPC server, health, reflection, TLS, auth, metrics, drain.
+
+Lifecycle of :class:`LycheeServer`:
+
+1. ``start()`` binds the port first (``.port`` is the real one, so ``port=0`` works), starts the
+   ``/metrics`` endpoint, and reports health NOT_SERVING while the engine loads (in a thread, so
+   probes are answered meanwhile) and warms up; RerankService answers UNAVAILABLE / NOT_READY
+   during that time. Then the scheduler starts and health turns SERVING.
+2. ``stop(grace)`` drains: health NOT_SERVING at once (load balancers stop routing), new calls
+   get UNAVAILABLE / SHUTTING_DOWN, calls in flight get up to ``grace`` seconds to finish; then
+   the gRPC server stops (cancelling stragglers), the scheduler fails whatever is left, and the
+   metrics endpoint closes.
+
+``run_server(settings)`` is the blocking entry point (``lychee-rerank serve`` and
+``python -m lychee_server.app``, the latter configured by ``LYCHEE_*`` variables only): SIGTERM or
+SIGINT drains with ``settings.grace_period_s`` and the process exits 0. Once SERVING it prints one
+JSON line ``{"event": "serving", "port": N, "metrics_port": M}`` on stdout, so a supervisor (or a
+test) that asked for port 0 learns the real ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata as importlib_metadata
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from lychee_server.edge.auth import BearerAuthInterceptor
+from lychee_server.edge.service import SERVICE_NAME, RerankService, add_to_server
+from lychee_server.engine.interface import Engine
+from lychee_server.logs import configure_logging, log_fields
+from lychee_server.metrics import Metrics, MetricsHttpServer
+from lychee_server.scheduler import Scheduler
+from lychee_server.settings import Settings
+
+__all__ = ["HEALTH_SERVICES", "LycheeServer", "build_server", "run_server", "server_version"]
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+"""Health is reported for the whole server ("") and for the rerank service by name."""
+
+
+def server_version() -> str:
+    try:
+        return importlib_metadata.version("lychee-rerank")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _device_memory_source(engine: Engine) -> Callable[[], float] | None:
+    """How to read device memory for the gauge, decided outside the scheduler.
+
+    An engine may expose ``device_memory_bytes()``; otherwise, on a CUDA device, torch's
+    allocator counter is read (torch is imported lazily, only then). CPU: no gauge source.
+    """
+    reader = getattr(engine, "device_memory_bytes", None)
+    if callable(reader):
+        return reader  # type: ignore[no-any-return]
+    device = engine.info.device
+    if not device.startswith("cuda"):
+        return None
+
+    def cuda_allocated() -> float:
+        import torch
+
+        return float(torch.cuda.memory_allocated(device))
+
+    return cuda_allocated
+
+
+class LycheeServer:
+    """One gRPC server with its scheduler, health, reflection and metrics (see the module doc)."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine: Engine | None = engine
+        self.metrics = Metrics()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.scheduler: Scheduler | None = None
+        self.service = RerankService(settings, self.metrics, server_version())
+        self.health = HealthServicer()
+        self._metrics_http: MetricsHttpServer | None = None
+        self._stopped = False
+        keys = settings.all_api_keys()
+        interceptors = [BearerAuthInterceptor(keys, self.metrics)] if keys else []
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
+            ],
+        )
+        add_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self._metrics_http.url if self._metrics_http is not None else None
+
+    def _bind(self) -> int:
+        s = self.settings
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        address = f"{host}:{s.port}"
+        if s.tls_cert is None or s.tls_key is None:
+            port = self.server.add_insecure_port(address)
+        else:
+            client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = self.server.add_secure_port(address, credentials)
+        if port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        return port
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Bind, report NOT_SERVING, load and warm the engine, then SERVING (returns when serving)."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._bind()
+        await self.server.start()
+        if self.settings.metrics_port is not None:
+            self._metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port)
+            self.metrics_port = self._metrics_http.port
+        log.info(
+            "listening; loading the model",
+            extra=log_fields(event="listening", port=self.port, metrics_port=self.metrics_port),
+        )
+        t0 = time.monotonic()
+        if self.engine is None:
+            from lychee_server.engine import load_engine
+
+            self.engine = await asyncio.to_thread(load_engine, self.settings)
+        engine = self.engine
+        if self.settings.warmup:
+            await asyncio.to_thread(engine.warmup)
+        source = _device_memory_source(engine)
+        if source is not None:
+            self.metrics.set_device_memory_source(source)
+        self.scheduler = Scheduler(engine, self.settings, self.metrics)
+        await self.scheduler.start()
+        if self._stopped:  # stop() won the race against a slow load
+            await self.scheduler.stop()
+            return
+        self.service.attach(self.scheduler, engine.info)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra=log_fields(
+                event="serving",
+                port=self.port,
+                metrics_port=self.metrics_port,
+                model=engine.info.model_id,
+                device=engine.info.device,
+                startup_s=round(time.monotonic() - t0, 3),
+            ),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain for up to ``grace`` seconds (default ``settings.grace_period_s``), then stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_period_s if grace is None else max(grace, 0.0)
+        deadline = time.monotonic() + grace
+        self.service.begin_drain()
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra=log_fields(event="draining", active_calls=self.service.active_calls))
+        finished = await self.service.wait_calls_done(grace)
+        # A short grace lets the last responses flush; calls still running past the grace period
+        # (and health Watch streams) are cancelled here.
+        await self.server.stop(min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0)
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+            self._metrics_http = None
+        log.info("stopped", extra=log_fields(event="stopped", clean=finished))
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def build_server(settings: Settings, engine: Engine | None = None) -> LycheeServer:
+    """A configured, not yet started server (``engine=None``: ``load_engine(settings)`` on start)."""
+    return LycheeServer(settings, engine)
+
+
+async def _serve(settings: Settings) -> int:
+    server = build_server(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # signalled while loading: stop without serving
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await server.stop(0)
+        return 0
+    stopping.cancel()
+    if (exc := starting.exception()) is not None:
+        log.error("startup failed", exc_info=exc, extra=log_fields(event="startup_failed"))
+        await server.stop(0)
+        return 1
+    print(
+        json.dumps({"event": "serving", "port": server.port, "metrics_port": server.metrics_port}),
+        flush=True,
+    )
+    await stop_requested.wait()
+    await server.stop(settings.grace_period_s)
+    return 0
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, drain within ``settings.grace_period_s``, return the exit code."""
+    configure_logging(json_logs=settings.log_json, level=settings.log_level)
+    return asyncio.run(_serve(settings))
+
+
+def main() -> int:
+    """``python -m lychee_server.app``: Settings from ``LYCHEE_*`` environment variables only."""
+    return run_server(Settings())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
