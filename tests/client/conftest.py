@@ -60,7 +60,9 @@ def counting_policy() -> type:
             super().__init__(**kw)
             object.__setattr__(self, "calls", [])
 
-        def delay_before_retry(self, attempt: int, error: Any, remaining: float | None, rng: Any) -> float | None:
+        def delay_before_retry(
+            self, attempt: int, error: Any, remaining: float | None, rng: Any
+        ) -> float | None:
             delay = super().delay_before_retry(attempt, error, remaining, rng)
             self.calls.append((attempt, delay))  # type: ignore[attr-defined]
             return delay

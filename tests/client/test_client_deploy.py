@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import SERVER_OVERRIDES, noise_image, require_server_stack
+
 from lychee.rerank.client import (
     AsyncLycheeClient,
     AuthenticationError,
@@ -59,7 +60,9 @@ async def test_retries_while_the_model_loads(request: pytest.FixtureRequest, cou
 @pytest.fixture(scope="module")
 async def strict_server(request: pytest.FixtureRequest) -> Any:
     harness, checkpoint = require_server_stack(request)
-    overrides = dict(SERVER_OVERRIDES, api_keys=("s3cret",), max_message_bytes=1 * MiB, max_chunk_bytes=16 * KiB)
+    overrides = dict(
+        SERVER_OVERRIDES, api_keys=("s3cret",), max_message_bytes=1 * MiB, max_chunk_bytes=16 * KiB
+    )
     async with harness.running_server(checkpoint, **overrides) as srv:
         yield srv
 
@@ -74,7 +77,9 @@ async def test_api_key(strict_server: Any) -> None:
             await wrong.rerank("q", ["d"])
     async with AsyncLycheeClient(strict_server.address, api_key="s3cret") as good:
         assert len((await good.rerank("q", ["d"])).results) == 1
-    result = await asyncio.to_thread(lambda: LycheeClient(strict_server.address, api_key="s3cret").rerank("q", ["d"]))
+    result = await asyncio.to_thread(
+        lambda: LycheeClient(strict_server.address, api_key="s3cret").rerank("q", ["d"])
+    )
     assert len(result.results) == 1
 
 
@@ -97,7 +102,9 @@ async def test_round_robin_over_two_replicas(request: pytest.FixtureRequest, ser
     harness, checkpoint = require_server_stack(request)
 
     def scored(srv: Any) -> float:
-        return harness.metric_value(harness.fetch_metrics(srv.metrics_url), "lychee_pairs_scored_total") or 0.0
+        return (
+            harness.metric_value(harness.fetch_metrics(srv.metrics_url), "lychee_pairs_scored_total") or 0.0
+        )
 
     async with harness.running_server(checkpoint, **SERVER_OVERRIDES) as second:
         target = f"ipv4:{server.address},{second.address}"
@@ -182,10 +189,15 @@ def _write_pki(tmp: Path) -> dict[str, Path]:
 async def test_mutual_tls(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     harness, checkpoint = require_server_stack(request)
     pki = _write_pki(tmp_path)
-    overrides = dict(SERVER_OVERRIDES, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
+    overrides = dict(
+        SERVER_OVERRIDES, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]
+    )
     async with harness.running_server(checkpoint, **overrides) as srv:
         async with AsyncLycheeClient(
-            srv.address, root_certificates=pki["ca"], client_certificate=pki["client"], client_key=pki["client_key"]
+            srv.address,
+            root_certificates=pki["ca"],
+            client_certificate=pki["client"],
+            client_key=pki["client_key"],
         ) as client:
             assert len((await client.rerank("q", ["d"])).results) == 1
         pem = pki["ca"].read_bytes()

@@ -7,6 +7,7 @@ import grpc.aio
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+
 from lychee.rerank import client as c
 from lychee.rerank.client._errors import error_from_rpc, error_from_status, rich_status_from_trailers
 
@@ -36,7 +37,9 @@ def _status(
     return status
 
 
-def _aio_error(code: grpc.StatusCode, status: status_pb2.Status | None, *extra: tuple[str, str]) -> grpc.aio.AioRpcError:
+def _aio_error(
+    code: grpc.StatusCode, status: status_pb2.Status | None, *extra: tuple[str, str]
+) -> grpc.aio.AioRpcError:
     trailers: list[tuple[str, str | bytes]] = list(extra)
     if status is not None:
         trailers.append(("grpc-status-details-bin", status.SerializeToString()))
@@ -58,7 +61,9 @@ def test_invalid_argument_with_field_violations() -> None:
     assert isinstance(err, ValueError)
     assert err.code is grpc.StatusCode.INVALID_ARGUMENT
     assert (err.reason, err.domain, err.request_id) == ("EMPTY_TEXT", "lychee.rerank.v1", "req-42")
-    assert err.field_violations == (c.FieldViolation("documents[1].content.text", "must not be empty", "EMPTY_TEXT"),)
+    assert err.field_violations == (
+        c.FieldViolation("documents[1].content.text", "must not be empty", "EMPTY_TEXT"),
+    )
     assert err.metadata["request_id"] == "req-42"
     assert "EMPTY_TEXT" in str(err) and "documents[1].content.text" in str(err) and "req-42" in str(err)
     with pytest.raises(TypeError):
@@ -109,7 +114,10 @@ def test_mismatched_or_corrupt_details_are_ignored() -> None:
     # A status claiming another code than the transport's must not relabel the error.
     err = error_from_rpc(_aio_error(grpc.StatusCode.UNAVAILABLE, st))
     assert isinstance(err, c.UnavailableError) and err.reason is None
-    assert rich_status_from_trailers(grpc.StatusCode.INTERNAL, [("grpc-status-details-bin", b"\xff\xff")]) is None
+    assert (
+        rich_status_from_trailers(grpc.StatusCode.INTERNAL, [("grpc-status-details-bin", b"\xff\xff")])
+        is None
+    )
 
 
 def test_unknown_detail_types_are_skipped() -> None:

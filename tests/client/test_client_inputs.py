@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+
 from lychee.rerank.client import Doc, EncodedImage, Query
 from lychee.rerank.client._inputs import coerce_document, coerce_query, sniff_media_type
 
@@ -18,7 +19,9 @@ def _encoded(fmt: str, size: tuple[int, int] = (8, 6)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize(("fmt", "media"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "media"), [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
+)
 def test_sniff_real_encodings(fmt: str, media: str) -> None:
     assert sniff_media_type(_encoded(fmt)) == media
 

@@ -6,9 +6,11 @@ import asyncio
 import random
 import socket
 import time
+from typing import Any
 
 import grpc
 import pytest
+
 from lychee.rerank.client import (
     NO_RETRY,
     AsyncLycheeClient,
@@ -78,27 +80,12 @@ def test_retry_info_overrides_backoff_but_not_the_deadline() -> None:
     assert policy.delay_before_retry(1, overloaded, 0.5, random.Random(1)) is None
 
 
-@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"jitter": 1.5}, {"multiplier": 0.5}, {"initial_backoff": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"max_attempts": 0}, {"jitter": 1.5}, {"multiplier": 0.5}, {"initial_backoff": -1}]
+)
 def test_policy_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
-
-
-class CountingPolicy(RetryPolicy):
-    """A RetryPolicy that records its decisions (observes the real client loop; no fake server)."""
-
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)  # type: ignore[arg-type]
-        object.__setattr__(self, "_calls", [])
-
-    @property
-    def calls(self) -> list[tuple[int, float | None]]:
-        return self._calls  # type: ignore[attr-defined, no-any-return]
-
-    def delay_before_retry(self, attempt: int, error: LycheeError, remaining: float | None, rng: random.Random) -> float | None:
-        d = super().delay_before_retry(attempt, error, remaining, rng)
-        self.calls.append((attempt, d))
-        return d
 
 
 def _dead_port() -> int:
@@ -108,8 +95,8 @@ def _dead_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sync_unavailable_after_bounded_retries() -> None:
-    policy = CountingPolicy(max_attempts=3, initial_backoff=0.05, jitter=0.0)
+def test_sync_unavailable_after_bounded_retries(counting_policy: Any) -> None:
+    policy = counting_policy(max_attempts=3, initial_backoff=0.05, jitter=0.0)
     with LycheeClient(f"127.0.0.1:{_dead_port()}", retry=policy, timeout=10.0) as client:
         t0 = time.monotonic()
         with pytest.raises(UnavailableError) as info:
@@ -121,8 +108,8 @@ def test_sync_unavailable_after_bounded_retries() -> None:
     assert isinstance(info.value.__cause__, grpc.RpcError)
 
 
-async def test_async_unavailable_stays_within_deadline() -> None:
-    policy = CountingPolicy(max_attempts=50, initial_backoff=0.1, max_backoff=0.1, jitter=0.0)
+async def test_async_unavailable_stays_within_deadline(counting_policy: Any) -> None:
+    policy = counting_policy(max_attempts=50, initial_backoff=0.1, max_backoff=0.1, jitter=0.0)
     client = AsyncLycheeClient(f"127.0.0.1:{_dead_port()}", retry=policy)
     try:
         t0 = time.monotonic()

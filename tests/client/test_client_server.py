@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from conftest import noise_image
+
 from lychee.rerank.client import (
     AsyncLycheeClient,
     DeadlineExceededError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from lychee.rerank.client import Doc, LycheeClient, Query, ServerError
 from lychee.rerank.client._inputs import coerce_document, coerce_query
 from lychee.rerank.client._types import EncodedImage, Limits
@@ -75,7 +76,12 @@ def test_empty_text_is_sent_as_set_text_for_the_server_to_judge() -> None:
     "kwargs", [{"top_n": -1}, {"top_n": True}, {"max_length": -5}, {"score_kind": "cosine"}]
 )
 def test_bad_options_fail_locally(kwargs: dict[str, object]) -> None:
-    args: dict[str, object] = {"top_n": None, "score_kind": "probability", "max_length": None, "return_text": False}
+    args: dict[str, object] = {
+        "top_n": None,
+        "score_kind": "probability",
+        "max_length": None,
+        "return_text": False,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError):
         build_options(**args)  # type: ignore[arg-type]
@@ -155,14 +161,22 @@ def test_threshold_and_chunk_size_follow_server_limits() -> None:
 
 def test_transport_choice() -> None:
     client = LycheeClient("127.0.0.1:1", stream_threshold_bytes=0)
-    small = client._prepare("q", ["d"], instruction=None, top_n=None, score_kind="probability",
-                            max_length=None, return_text=False)
+    small = client._prepare(
+        "q", ["d"], instruction=None, top_n=None, score_kind="probability", max_length=None, return_text=False
+    )
     assert client._should_stream(small, None)
     auto = LycheeClient("127.0.0.1:1")
     assert not auto._should_stream(small, None) and not auto._wants_limits(small)
     big_img = EncodedImage(b"\x89PNG\r\n\x1a\n" + bytes(2 << 20), "image/png")
-    big = auto._prepare("q", [big_img], instruction=None, top_n=None, score_kind="probability",
-                        max_length=None, return_text=False)
+    big = auto._prepare(
+        "q",
+        [big_img],
+        instruction=None,
+        top_n=None,
+        score_kind="probability",
+        max_length=None,
+        return_text=False,
+    )
     assert auto._wants_limits(big)
     assert not auto._should_stream(big, None)  # 2 MiB < 3 MiB default
     assert auto._should_stream(big, _limits(max_message_bytes=2 << 20))  # 2 MiB > 1.5 MiB
@@ -191,8 +205,13 @@ def test_decode_result() -> None:
     resp.results[0].id = "two"
     resp.results[1].truncated = True
     res = decode_result(resp, 3, streamed=True)
-    assert [(r.index, r.score, r.id, r.truncated) for r in res.results] == [(2, 0.9, "two", False), (0, 0.5, None, True)]
-    assert res.timings.total == pytest.approx(1.5) and res.usage.pairs == 2 and res.model == "m" and res.streamed
+    assert [(r.index, r.score, r.id, r.truncated) for r in res.results] == [
+        (2, 0.9, "two", False),
+        (0, 0.5, None, True),
+    ]
+    assert (
+        res.timings.total == pytest.approx(1.5) and res.usage.pairs == 2 and res.model == "m" and res.streamed
+    )
 
 
 @pytest.mark.parametrize("entries", [((3, 0.1),), ((0, 0.2), (0, 0.1))])
