@@ -37,23 +37,23 @@ DEFAULT_TIMEOUT = 10.0
 
 
 # --------------------------------------------------------------------------- waiting helpers
-async def eventually(predicate: Callable[[], bool], timeout: float = DEFAULT_TIMEOUT, what: str = "") -> None:
-    """Poll ``predicate`` on the event loop until it holds; fail after ``timeout`` seconds.
+async def eventually(predicate: Callable[[], bool], limit_s: float = DEFAULT_TIMEOUT, what: str = "") -> None:
+    """Poll ``predicate`` on the event loop until it holds; fail after ``limit_s`` seconds.
 
     This is for observing state that has no event to await (a gauge, a worker thread's
     progress) — bounded in time, never a fixed sleep standing in for synchronisation.
     """
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {limit_s}s waiting for {what or predicate}")
         await asyncio.sleep(0.002)
 
 
-async def wait_thread_event(event: threading.Event, timeout: float = DEFAULT_TIMEOUT) -> None:
+async def wait_thread_event(event: threading.Event, limit_s: float = DEFAULT_TIMEOUT) -> None:
     """Await a ``threading.Event`` set by a worker thread without blocking the loop."""
-    if not await asyncio.to_thread(event.wait, timeout):
-        raise AssertionError(f"timed out after {timeout}s waiting for a worker thread")
+    if not await asyncio.to_thread(event.wait, limit_s):
+        raise AssertionError(f"timed out after {limit_s}s waiting for a worker thread")
 
 
 # --------------------------------------------------------------------------- engine doubles
@@ -305,7 +305,8 @@ class RunningServer:
 
     @property
     def metrics_url(self) -> str | None:
-        return self.server.metrics_url
+        url: str | None = self.server.metrics_url
+        return url
 
 
 @contextlib.asynccontextmanager
@@ -317,8 +318,8 @@ async def running_server(
 
     settings = make_settings(model if model is not None else "fake", **overrides)
     server = build_server(settings, engine=engine)
-    await server.start()
     try:
+        await server.start()
         yield RunningServer(server=server, settings=settings, engine=server.engine)
     finally:
         await server.stop(grace=0)
@@ -326,7 +327,8 @@ async def running_server(
 
 def fetch_metrics(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as resp:
-        return str(resp.read().decode())
+        body: bytes = resp.read()
+        return body.decode()
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -335,7 +337,9 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+            if sample.name == name and (
+                labels is None or all(sample.labels.get(k) == v for k, v in labels.items())
+            ):
                 return float(sample.value)
     return None
 

@@ -47,6 +47,8 @@ from typing import Any, cast
 
 from langchain_core.callbacks import Callbacks
 from langchain_core.documents import BaseDocumentCompressor, Document
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+
 from lychee.rerank.client import (
     AsyncLycheeClient,
     Doc,
@@ -57,7 +59,6 @@ from lychee.rerank.client import (
     RankedDocument,
     ServerError,
 )
-from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 __all__ = ["LycheeRerank"]
 

@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -107,7 +108,11 @@ class LycheeServer:
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
 
@@ -149,18 +154,21 @@ class LycheeServer:
         self.port = self._bind()
         await self.server.start()
         if self.settings.metrics_port is not None:
-            self._metrics_http = MetricsHttpServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port)
+            self._metrics_http = MetricsHttpServer(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port
+            )
             self.metrics_port = self._metrics_http.port
         log.info(
             "listening; loading the model",
             extra=log_fields(event="listening", port=self.port, metrics_port=self.metrics_port),
         )
         t0 = time.monotonic()
-        if self.engine is None:
+        engine = self.engine
+        if engine is None:
             from lychee_server.engine import load_engine
 
-            self.engine = await asyncio.to_thread(load_engine, self.settings)
-        engine = self.engine
+            loaded: Any = await asyncio.to_thread(load_engine, self.settings)
+            engine = self.engine = cast(Engine, loaded)
         if self.settings.warmup:
             await asyncio.to_thread(engine.warmup)
         source = _device_memory_source(engine)

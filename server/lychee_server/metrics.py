@@ -8,7 +8,8 @@ Names follow Prometheus conventions (``_total`` counters, ``_seconds`` units). T
 derived views are:
 
 * pairs/s:             ``rate(lychee_pairs_scored_total[1m])``
-* error ratio:         ``sum(rate(lychee_requests_total{code!="OK"}[5m])) / sum(rate(lychee_requests_total[5m]))``
+* error ratio:         ``sum(rate(lychee_requests_total{code!="OK"}[5m]))``
+                       ``/ sum(rate(lychee_requests_total[5m]))``
 * batch fill:          ``lychee_batch_pairs`` / ``lychee_batch_tokens`` histograms against the configured
                        ``max_batch_pairs`` / ``batch_token_budget``.
 """
@@ -39,7 +40,10 @@ class Metrics:
         r = self.registry
         # --- edge ---------------------------------------------------------------------
         self.requests = Counter(
-            "lychee_requests", "RPCs finished, by method and gRPC status code.", ["method", "code"], registry=r
+            "lychee_requests",
+            "RPCs finished, by method and gRPC status code.",
+            ["method", "code"],
+            registry=r,
         )
         self.request_latency = Histogram(
             "lychee_request_duration_seconds",
@@ -49,20 +53,23 @@ class Metrics:
             registry=r,
         )
         # --- scheduler ----------------------------------------------------------------
-        self.queue_depth = Gauge(
-            "lychee_queue_depth", "Prepared pairs waiting for the device.", registry=r
-        )
+        self.queue_depth = Gauge("lychee_queue_depth", "Prepared pairs waiting for the device.", registry=r)
         self.preparing_pairs = Gauge(
             "lychee_preparing_pairs", "Admitted pairs not yet prepared (tokenize / image decode).", registry=r
         )
         self.inflight_pairs = Gauge(
-            "lychee_inflight_pairs", "Admitted pairs not yet retired (the admission-control quantity).", registry=r
+            "lychee_inflight_pairs",
+            "Admitted pairs not yet retired (the admission-control quantity).",
+            registry=r,
         )
         self.inflight_requests = Gauge(
             "lychee_inflight_requests", "Admitted requests not yet retired.", registry=r
         )
         self.rejected = Counter(
-            "lychee_rejected_requests", "Requests refused by the scheduler, by reason.", ["reason"], registry=r
+            "lychee_rejected_requests",
+            "Requests refused by the scheduler, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.batch_pairs = Histogram(
             "lychee_batch_pairs", "Pairs per device batch.", buckets=_PAIR_BUCKETS, registry=r

@@ -6,26 +6,11 @@ are missing, so these files always collect.
 
 from __future__ import annotations
 
-import io
-import random
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-
-# Small images keep the tiny model fast on CPU: the server resizes to at most max_pixels anyway.
-SERVER_OVERRIDES: dict[str, Any] = {"warmup": False, "dtype": "float32", "max_pixels": 16 * 28 * 28}
-
-
-def require_server_stack(request: pytest.FixtureRequest) -> tuple[Any, Any]:
-    """(harness module, tiny checkpoint path), or skip the test."""
-    harness = pytest.importorskip("harness")
-    pytest.importorskip("lychee_server.app")
-    try:
-        checkpoint = request.getfixturevalue("tiny_checkpoint")
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_checkpoint fixture not available")
-    return harness, checkpoint
+from client_support import SERVER_OVERRIDES, require_server_stack
 
 
 @pytest.fixture(scope="session")
@@ -34,17 +19,6 @@ async def server(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     harness, checkpoint = require_server_stack(request)
     async with harness.running_server(checkpoint, **SERVER_OVERRIDES) as srv:
         yield srv
-
-
-def noise_image(width: int, height: int, *, seed: int = 0, fmt: str = "PNG") -> bytes:
-    """An incompressible image (random pixels), so its encoded size is predictable."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    img = Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SERVER_OVERRIDES, noise_image, require_server_stack
+from client_support import SERVER_OVERRIDES, noise_image, require_server_stack
 
 from lychee.rerank.client import (
     AsyncLycheeClient,

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from PIL import Image
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server.settings import Settings
-from PIL import Image
 
 FMT_MEDIA = {"JPEG": pb.MEDIA_TYPE_JPEG, "PNG": pb.MEDIA_TYPE_PNG, "WEBP": pb.MEDIA_TYPE_WEBP}
 

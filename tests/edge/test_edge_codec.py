@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from edge.builders import image, jpeg, png, request, small_settings, text, text_image, webp
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge import codec

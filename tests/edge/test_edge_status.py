@@ -7,6 +7,7 @@ import logging
 import grpc
 import pytest
 from edge.builders import parse_status
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import errors
 from lychee_server.edge import status

@@ -18,6 +18,7 @@ from edge.builders import (
     text,
     webp,
 )
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge.stream import StreamAssembler, assemble
@@ -69,6 +70,7 @@ def test_inline_image_query_in_header() -> None:
 
 def test_stream_and_unary_agree() -> None:
     from edge.builders import request
+
     from lychee_server.edge.codec import job_from_pb
 
     unary = job_from_pb(request(text("query"), [pb.Document(id="x", content=pb.Content(text="doc"))]), S)

@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
 from helpers import encode, pattern
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ERROR_DOMAIN = "lychee.rerank.v1"
@@ -144,7 +145,10 @@ async def wait_for(
         if check(last):
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}; last value: {last!r}")
+            shown = repr(last)
+            if isinstance(last, dict):  # a scrape: show the scheduler's gauges, not every histogram bucket
+                shown = repr({k: v for k, v in last.items() if "_bucket" not in k and "_created" not in k})
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}; last value: {shown}")
         await asyncio.sleep(every)
 
 
@@ -176,20 +180,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def read_figures(name: str) -> dict[str, Any]:
+    """The figures a previous run left in ``build/reliability/<name>.json`` ({} if none)."""
+    path = report_dir() / f"{name}.json"
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def write_figures(name: str, figures: dict[str, Any]) -> Path:
     """Write ``build/reliability/<name>.json`` (with the machine facts) and print it.
 
-    Each test module updates its own section in the file so tests can run alone or together.
+    Top-level keys replace those of an earlier run; callers merge finer-grained results themselves
+    (see ``read_figures``) so that running one test alone does not erase the others' figures.
     """
     out = report_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    doc: dict[str, Any] = {}
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            doc = {}
+    doc = read_figures(name)
     doc.update(figures)
     doc["machine"] = machine()
     path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -247,13 +257,10 @@ class Workload:
     @staticmethod
     def stream(req: pb.RerankRequest, chunk: int = 4096) -> list[pb.RerankStreamRequest]:
         """The same request as a RerankStream: header with the inline query, then each document."""
-        msgs = [
-            pb.RerankStreamRequest(
-                header=pb.StreamHeader(
-                    instruction=req.instruction, query=req.query, document_count=len(req.documents)
-                )
-            )
-        ]
+        header = pb.StreamHeader(query=req.query, document_count=len(req.documents), options=req.options)
+        if req.HasField("instruction"):  # optional: an explicit empty one would be EMPTY_TEXT
+            header.instruction = req.instruction
+        msgs = [pb.RerankStreamRequest(header=header)]
         for doc in req.documents:
             msgs.extend(Workload.stream_item(doc, chunk))
         return msgs
@@ -441,6 +448,7 @@ class Kit:
     wait_for = staticmethod(wait_for)
     vm_rss_bytes = staticmethod(vm_rss_bytes)
     write_figures = staticmethod(write_figures)
+    read_figures = staticmethod(read_figures)
     check_ranking = staticmethod(check_ranking)
     open_stub = staticmethod(open_stub)
 

@@ -44,6 +44,7 @@ from edge.builders import (
     text_image,
     webp,
 )
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server.edge import codec
 from lychee_server.edge.stream import assemble
@@ -461,20 +462,9 @@ async def _send(channel: grpc.aio.Channel, payload: Payload) -> Any:
         return await raw(payload, timeout=60)
     if isinstance(payload, pb.RerankRequest):
         return await stub.Rerank(payload, timeout=60)
-    # Write explicitly: the server may end the call at the first bad message, and a request
-    # iterator would then fail on the client side ("Internal error from Core") and mask the status.
-    call = stub.RerankStream(timeout=60)
-    for msg in payload:
-        if call.done():
-            break
-        try:
-            await call.write(msg)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            break
-    if not call.done():
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await call.done_writing()
-    return await call
+    # A request iterator (not explicit writes): when the server ends the call at the first bad
+    # message, grpc stops consuming the iterator and the call reports the server's status.
+    return await stub.RerankStream(iter(payload), timeout=60)
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=IDS)

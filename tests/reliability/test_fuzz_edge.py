@@ -13,6 +13,7 @@ import pytest
 from edge.builders import Item, item_messages, small_settings, stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge import codec

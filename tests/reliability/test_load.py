@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from harness import subprocess_server
 
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "64"))

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from harness import FakeEngine, eventually, wait_thread_event
 
+from harness import FakeEngine, eventually, wait_thread_event
 from lychee_server import errors
 from lychee_server.domain import Content, Document, ImageInput, MediaType, RerankJob, RerankOptions, ScoreKind
 from lychee_server.engine.interface import probability
@@ -100,7 +100,9 @@ async def test_ranking_ties_top_n_text_ids_usage() -> None:
 async def test_probability_scores_and_no_text_by_default() -> None:
     engine = FakeEngine()
     async with running(engine) as sched:
-        result = await asyncio.wait_for(sched.rerank(make_job("-1.5", "0.25", kind=ScoreKind.PROBABILITY)), WAIT)
+        result = await asyncio.wait_for(
+            sched.rerank(make_job("-1.5", "0.25", kind=ScoreKind.PROBABILITY)), WAIT
+        )
     assert [r.index for r in result.results] == [1, 0]
     assert math.isclose(result.results[0].score, probability(0.25))
     assert math.isclose(result.results[1].score, probability(-1.5))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from harness import GatedEngine, error_details, eventually, fetch_metrics, metric_value, running_server
 from helpers import image_input
 from lychee.rerank.v1 import rerank_pb2 as pb
@@ -19,12 +21,12 @@ WAIT = 30.0
 TEXTS = ["a red bicycle leaning on a wall", "quarterly revenue grew by 4%", "a bike with a red frame"]
 
 
-def text_request(texts: list[str], **options: object) -> pb.RerankRequest:
+def text_request(texts: list[str], **options: Any) -> pb.RerankRequest:
     return pb.RerankRequest(
         instruction="find matching descriptions",
         query=pb.Content(text="red bicycle"),
         documents=[pb.Document(id=f"d{i}", content=pb.Content(text=t)) for i, t in enumerate(texts)],
-        options=pb.RerankOptions(**options),  # type: ignore[arg-type]
+        options=pb.RerankOptions(**options),
     )
 
 
@@ -32,7 +34,9 @@ def stream_messages(texts: list[str], chunk: int = 7) -> list[pb.RerankStreamReq
     msgs = [
         pb.RerankStreamRequest(
             header=pb.StreamHeader(
-                instruction="find matching descriptions", query=pb.Content(text="red bicycle"), document_count=len(texts)
+                instruction="find matching descriptions",
+                query=pb.Content(text="red bicycle"),
+                document_count=len(texts),
             )
         )
     ]
@@ -104,7 +108,7 @@ async def test_invalid_input_is_invalid_argument_not_internal(gated: GatedEngine
         # codec name the field instead of gRPC failing the call generically.
         good = text_request(["x"]).SerializeToString()
         bad = good.replace(b"find matching", b"find \xff\xfetching")
-        raw = channel.unary_unary("/lychee.rerank.v1.RerankService/Rerank")
+        raw = channel.unary_unary("/lychee.rerank.v1.RerankService/Rerank", None, None)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await raw(bad, timeout=WAIT)
         d = error_details(info.value)
@@ -121,7 +125,10 @@ async def test_invalid_input_is_invalid_argument_not_internal(gated: GatedEngine
 
 
 async def test_concurrent_callers_share_device_batches(gated: GatedEngine) -> None:
-    async with running_server(engine=gated, max_batch_pairs=16) as srv, grpc.aio.insecure_channel(srv.address) as ch:
+    async with (
+        running_server(engine=gated, max_batch_pairs=16) as srv,
+        grpc.aio.insecure_channel(srv.address) as ch,
+    ):
         stub = pb_grpc.RerankServiceStub(ch)
         sched = srv.server.scheduler
         gated.gate.close()
@@ -134,7 +141,7 @@ async def test_concurrent_callers_share_device_batches(gated: GatedEngine) -> No
         assert [len(r.results) for r in results] == [1, 3, 3]
         assert gated.batch_sizes == [1, 6]  # the two callers rode in one batch
         assert results[1].results[0].score == pytest.approx(results[2].results[0].score, rel=1e-4)
-        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)  # type: ignore[arg-type]
+        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)
     assert metric_value(text, "lychee_batch_pairs_count") == 2
     assert metric_value(text, "lychee_batch_pairs_sum") == 7
     assert metric_value(text, "lychee_batch_pairs_bucket", {"le": "4.0"}) == 1  # the 6-pair batch is above
@@ -155,8 +162,10 @@ async def test_overload_is_resource_exhausted_with_retry_info(gated: GatedEngine
         gated.gate.open()
         assert len((await held).results) == 2
         assert len((await stub.Rerank(text_request(TEXTS[:2]), timeout=WAIT)).results) == 2
-        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)  # type: ignore[arg-type]
-    assert metric_value(text, "lychee_requests_total", {"method": "Rerank", "code": "RESOURCE_EXHAUSTED"}) == 1
+        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)
+    assert (
+        metric_value(text, "lychee_requests_total", {"method": "Rerank", "code": "RESOURCE_EXHAUSTED"}) == 1
+    )
 
 
 async def test_deadline_expiring_in_queue(gated: GatedEngine) -> None:
@@ -210,14 +219,17 @@ async def test_caller_cancelling_frees_capacity(gated: GatedEngine) -> None:
         gated.gate.open()
         await held
         await eventually(lambda: sched.inflight_pairs == 0, WAIT, "in-flight pairs back to 0")
-        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)  # type: ignore[arg-type]
+        text = await asyncio.to_thread(fetch_metrics, srv.metrics_url)
     assert metric_value(text, "lychee_inflight_pairs") == 0
     assert metric_value(text, "lychee_pairs_dropped_total") == 3
     assert gated.batch_sizes == [1]
 
 
 async def test_reflection_lists_the_service(gated: GatedEngine) -> None:
-    async with running_server(engine=gated, api_keys=["k"]) as srv, grpc.aio.insecure_channel(srv.address) as ch:
+    async with (
+        running_server(engine=gated, api_keys=["k"]) as srv,
+        grpc.aio.insecure_channel(srv.address) as ch,
+    ):
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
 
         async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:

@@ -12,10 +12,10 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from harness import FakeEngine, GatedEngine, error_details, eventually, make_settings, subprocess_server
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
-
 from lychee_server.app import build_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,7 +23,7 @@ WAIT = 30.0
 SERVICE = "lychee.rerank.v1.RerankService"
 
 
-def request(n: int = 2) -> pb.RerankRequest:
+def make_request(n: int = 2) -> pb.RerankRequest:
     return pb.RerankRequest(
         query=pb.Content(text="query"),
         documents=[pb.Document(content=pb.Content(text=f"document number {i}")) for i in range(n)],
@@ -31,7 +31,9 @@ def request(n: int = 2) -> pb.RerankRequest:
 
 
 async def health(channel: grpc.aio.Channel, service: str = "") -> Any:
-    resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+    resp = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=WAIT
+    )
     return resp.status
 
 
@@ -49,7 +51,7 @@ async def test_health_and_unavailable_through_startup_and_drain(gated: GatedEngi
             assert await health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await health(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Rerank(request(), timeout=WAIT)
+                await stub.Rerank(make_request(), timeout=WAIT)
             d = error_details(info.value)
             assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "NOT_READY")
             assert not starting.done()
@@ -60,14 +62,14 @@ async def test_health_and_unavailable_through_startup_and_drain(gated: GatedEngi
 
             # Draining: an in-flight call finishes, new calls get SHUTTING_DOWN, health NOT_SERVING.
             gated.gate.close()
-            inflight = asyncio.ensure_future(stub.Rerank(request(3), timeout=WAIT))
+            inflight = asyncio.ensure_future(stub.Rerank(make_request(3), timeout=WAIT))
             await asyncio.to_thread(gated.gate.entered.wait, WAIT)
             stopping = asyncio.create_task(server.stop(grace=WAIT))
             await eventually(lambda: server.service.state.value == "draining", WAIT, "drain to begin")
             assert await health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await health(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Rerank(request(), timeout=WAIT)
+                await stub.Rerank(make_request(), timeout=WAIT)
             d = error_details(info.value)
             assert (d.code, d.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
             assert not stopping.done()
@@ -90,7 +92,7 @@ async def test_drain_grace_expiry_cancels_stragglers() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = pb_grpc.RerankServiceStub(ch)
             engine.gate.close()
-            stuck = asyncio.ensure_future(stub.Rerank(request(1), timeout=WAIT))
+            stuck = asyncio.ensure_future(stub.Rerank(make_request(1), timeout=WAIT))
             await asyncio.to_thread(engine.gate.entered.wait, WAIT)
             await asyncio.wait_for(server.stop(grace=0.2), WAIT)  # the device never frees up
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -108,23 +110,30 @@ async def test_engine_failure_is_internal_without_leaking_text() -> None:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = pb_grpc.RerankServiceStub(ch)
-            bad = pb.RerankRequest(query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(text="boom"))])
+            bad = pb.RerankRequest(
+                query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(text="boom"))]
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Rerank(bad, timeout=WAIT)
             d = error_details(info.value)
             assert (d.code, d.reason) == (grpc.StatusCode.INTERNAL, "INTERNAL_ERROR")
-            ok = await stub.Rerank(request(2), timeout=WAIT)  # the server carries on
+            ok = await stub.Rerank(make_request(2), timeout=WAIT)  # the server carries on
             assert len(ok.results) == 2
             # A prepare-time input error is re-rooted at the document (documents[1].image).
             bad_doc = pb.RerankRequest(
                 query=pb.Content(text="q"),
-                documents=[pb.Document(content=pb.Content(text="1")), pb.Document(content=pb.Content(text="bad"))],
+                documents=[
+                    pb.Document(content=pb.Content(text="1")),
+                    pb.Document(content=pb.Content(text="bad")),
+                ],
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Rerank(bad_doc, timeout=WAIT)
             d = error_details(info.value)
             assert (d.code, d.reason, d.fields) == (
-                grpc.StatusCode.INVALID_ARGUMENT, "IMAGE_DECODE_FAILED", ["documents[1].image"]
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "IMAGE_DECODE_FAILED",
+                ["documents[1].image"],
             )
     finally:
         await server.stop(0)
@@ -150,12 +159,13 @@ async def test_subprocess_serves_and_drains_on_sigterm(request: pytest.FixtureRe
     with subprocess_server(checkpoint, env={"LYCHEE_GRACE_PERIOD_S": "20", "LYCHEE_WARMUP": "true"}) as proc:
         async with grpc.aio.insecure_channel(proc.address) as ch:
             assert await health(ch) == health_pb2.HealthCheckResponse.SERVING
-            resp = await pb_grpc.RerankServiceStub(ch).Rerank(request(3), timeout=WAIT)
+            resp = await pb_grpc.RerankServiceStub(ch).Rerank(make_request(3), timeout=WAIT)
             assert len(resp.results) == 3
         proc.proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.proc.wait, 60)
         assert code == 0, "\n".join(proc.lines[-30:])
     events = []
+    rpc_lines = 0
     for line in proc.lines:
         try:
             record = json.loads(line)
@@ -166,4 +176,6 @@ async def test_subprocess_serves_and_drains_on_sigterm(request: pytest.FixtureRe
             if record.get("message") == "rpc":
                 assert record["method"] == "Rerank" and record["code"] == "OK" and record["pairs"] == 3
                 assert record["request_id"]
+                rpc_lines += 1
+    assert rpc_lines == 1  # one structured line per request
     assert "draining" in events and "stopped" in events

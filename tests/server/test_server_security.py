@@ -8,16 +8,18 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from harness import GatedEngine, error_details, make_tls_files, running_server
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
-
 from lychee_server.edge.auth import BearerAuthInterceptor
 
 pytest.importorskip("cryptography", reason="TLS tests need the 'cryptography' package ([dev] extra)")
 pytestmark = pytest.mark.timeout(120)
 WAIT = 30.0
-REQ = pb.RerankRequest(query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(text="some text"))])
+REQ = pb.RerankRequest(
+    query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(text="some text"))]
+)
 
 
 def test_token_comparison() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -33,7 +33,11 @@ OPEN_METHOD_PREFIXES: tuple[str, ...] = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 
-_Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+if TYPE_CHECKING:  # grpc's classes are generic only in the stubs
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+else:
+    _Handler = grpc.RpcMethodHandler
+_Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]]
 
 
 def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
@@ -48,7 +52,7 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes |
     return None
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Reject calls without a valid bearer token (health and reflection stay open)."""
 
     def __init__(self, keys: Iterable[str], metrics: Metrics | None = None) -> None:
@@ -67,21 +71,23 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> _Handler:
         method = handler_call_details.method or ""
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        token = _bearer_token(handler_call_details.invocation_metadata)  # type: ignore[arg-type]
+        token = _bearer_token(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if handler is None or self.is_valid(token):
             return handler
         if self._metrics is not None:
-            self._metrics.requests.labels(method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            self._metrics.requests.labels(
+                method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name
+            ).inc()
         reason = "missing bearer token" if token is None else "invalid bearer token"
         return _rejecting(handler, errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'"))
 
 
-def _rejecting(handler: grpc.RpcMethodHandler, err: errors.LycheeError) -> grpc.RpcMethodHandler:
+def _rejecting(handler: _Handler, err: errors.LycheeError) -> _Handler:
     """A handler of the same shape as ``handler`` that aborts with ``err`` without reading input."""
     status = to_status(err)
 

@@ -18,8 +18,8 @@ import functools
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from lychee.rerank.v1 import rerank_pb2 as pb
 
+from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge.validation import Collector, Slot, utf8_len
 from lychee_server.errors import FieldViolation, InvalidInput

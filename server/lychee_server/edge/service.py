@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
+
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
-
 from lychee_server import errors
 from lychee_server.domain import EngineInfo, Modality, RerankJob
 from lychee_server.edge import codec
@@ -144,10 +144,10 @@ class RerankService(pb_grpc.RerankServiceServicer):
     def active_calls(self) -> int:
         return self._active
 
-    async def wait_calls_done(self, timeout: float) -> bool:
-        """Wait until no call is running; False if ``timeout`` passed first."""
+    async def wait_calls_done(self, limit_s: float) -> bool:
+        """Wait until no call is running; False if ``limit_s`` seconds passed first."""
         try:
-            await asyncio.wait_for(self._no_active.wait(), max(timeout, 0.0))
+            await asyncio.wait_for(self._no_active.wait(), max(limit_s, 0.0))
         except TimeoutError:
             return False
         return True
@@ -163,18 +163,24 @@ class RerankService(pb_grpc.RerankServiceServicer):
             "RerankStream", context, lambda call: self._rerank_stream(request_iterator, context, call)
         )
 
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: Context) -> pb.GetServerInfoResponse:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Context
+    ) -> pb.GetServerInfoResponse:
         return await self._serve("GetServerInfo", context, lambda call: self._server_info())
 
     # ------------------------------------------------------------------ bodies
-    async def _rerank(self, request: pb.RerankRequest | bytes, context: Context, call: _Call) -> pb.RerankResponse:
+    async def _rerank(
+        self, request: pb.RerankRequest | bytes, context: Context, call: _Call
+    ) -> pb.RerankResponse:
         t0 = time.monotonic()
         self._require_serving()
         if not isinstance(request, pb.RerankRequest):
             request = codec.decode_request(request, request_id=call.request_id)
         job = codec.job_from_pb(request, self._settings, request_id=call.request_id)
         result = await self._score(job, context, call)
-        return codec.result_to_pb(replace(result, timings=replace(result.timings, total=time.monotonic() - t0)))
+        return codec.result_to_pb(
+            replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
+        )
 
     async def _rerank_stream(
         self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: _Call
@@ -207,7 +213,9 @@ class RerankService(pb_grpc.RerankServiceServicer):
 
     def _require_serving(self) -> tuple[Scheduler, EngineInfo]:
         if self.state is ServingState.DRAINING:
-            raise errors.Unavailable("the server is shutting down; retry on another replica", reason="SHUTTING_DOWN")
+            raise errors.Unavailable(
+                "the server is shutting down; retry on another replica", reason="SHUTTING_DOWN"
+            )
         if self.state is not ServingState.SERVING or self._scheduler is None or self._info is None:
             raise errors.Unavailable("the model is loading; retry shortly", reason="NOT_READY")
         return self._scheduler, self._info

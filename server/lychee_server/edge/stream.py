@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from lychee.rerank.v1 import rerank_pb2 as pb
-
 from lychee_server import domain
 from lychee_server.edge.codec import (
     MEDIA_TYPES,

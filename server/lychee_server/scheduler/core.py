@@ -89,6 +89,7 @@ class _Request:
     undelivered: int = 0  # admitted pairs not yet prepared (or dropped)
     remaining: int = 0  # pairs not yet scored
     on_device: int = 0  # batches on the device carrying this request's pairs
+    queued: int = 0  # prepared pairs waiting in the device queue
     scores: list[float] = field(default_factory=list)
     pairs: list[PreparedPair | None] = field(default_factory=list)
     first_dispatch: float | None = None
@@ -156,7 +157,9 @@ class Scheduler:
             raise RuntimeError("Scheduler.start() called twice")
         self._loop = asyncio.get_running_loop()
         self._model_id = self._engine.info.model_id
-        self._prep_pool = cf.ThreadPoolExecutor(self._settings.decode_threads, thread_name_prefix="lychee-prep")
+        self._prep_pool = cf.ThreadPoolExecutor(
+            self._settings.decode_threads, thread_name_prefix="lychee-prep"
+        )
         self._device_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lychee-device")
         self._task = asyncio.create_task(self._batch_loop(), name="lychee-batcher")
         self._state = _State.RUNNING
@@ -185,10 +188,10 @@ class Scheduler:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no admitted pair is in flight; False if ``timeout`` passed first."""
+    async def wait_idle(self, limit_s: float) -> bool:
+        """Wait until no admitted pair is in flight; False if ``limit_s`` seconds passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), limit_s)
         except TimeoutError:
             return False
         return True
@@ -271,7 +274,7 @@ class Scheduler:
 
         def callback(fut: cf.Future[Any]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-                loop.call_soon_threadsafe(fn, *args, fut)
+                loop.call_soon_threadsafe(functools.partial(fn, *args, fut))
 
         return callback
 
@@ -315,6 +318,7 @@ class Scheduler:
                 req.undelivered -= 1
                 self._preparing -= 1
                 self._queue.append(_Item(req, index, pair, time.monotonic()))
+                req.queued += 1
                 self._update_gauges()
                 self._wakeup.set()
                 self._fill_prep_window(req)
@@ -351,10 +355,10 @@ class Scheduler:
             fut.cancel()  # a running preparation finishes; a queued one never starts
         if req.query_future is not None:
             req.query_future.cancel()
-        if any(item.req is req for item in self._queue):
-            kept = collections.deque(item for item in self._queue if item.req is not req)
-            self.metrics.pairs_dropped.inc(len(self._queue) - len(kept))
-            self._queue = kept
+        if req.queued:  # O(queue), so only when there is something of this request to drop
+            self._queue = collections.deque(item for item in self._queue if item.req is not req)
+            self.metrics.pairs_dropped.inc(req.queued)
+            req.queued = 0
         self._update_gauges()
         self._maybe_retire(req)
 
@@ -446,6 +450,8 @@ class Scheduler:
             remaining = self._queue[0].ready + self._max_wait - time.monotonic()
             if full or self._preparing == 0 or remaining <= 0:
                 batch = [self._queue.popleft() for _ in range(count)]
+                for item in batch:
+                    item.req.queued -= 1
                 self._update_gauges()
                 return batch, tokens
             self._wakeup.clear()

@@ -166,6 +166,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The model could not be loaded (UNAVAILABLE); the message says what to fix."""
     ERROR_REASON_INVALID_TEXT: _ErrorReason.ValueType  # 31
     """Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
+    ERROR_REASON_CANCELLED: _ErrorReason.ValueType  # 32
+    """The caller cancelled the call (CANCELLED)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every google.rpc.ErrorInfo.reason the service returns. The reason
@@ -236,6 +238,8 @@ ERROR_REASON_MODEL_LOAD_FAILED: ErrorReason.ValueType  # 30
 """The model could not be loaded (UNAVAILABLE); the message says what to fix."""
 ERROR_REASON_INVALID_TEXT: ErrorReason.ValueType  # 31
 """Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
+ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 32
+"""The caller cancelled the call (CANCELLED)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
