@@ -48,6 +48,13 @@ DOCUMENTS: list[DocumentInput] = [
 DOC_IMAGES = 3
 
 
+def _server_calls(server: Any, method: str) -> float:
+    import harness
+
+    text = harness.fetch_metrics(server.metrics_url)
+    return harness.metric_value(text, "lychee_requests_total", {"method": method, "code": "OK"}) or 0.0
+
+
 def _check_ranking(result: RerankResult, n: int, *, streamed: bool) -> None:
     assert result.streamed is streamed
     assert sorted(r.index for r in result.results) == list(range(n))
@@ -92,8 +99,11 @@ async def test_images_and_query_split_across_many_chunks(server: Any) -> None:
     assert len(big_query) > 5 * 4096 and len(big_doc) > 8 * 4096
     docs: list[DocumentInput] = [Doc(text="x" * 10_000 + "é", image=big_doc), "short text"]
     query = Query(text="find it", image=big_query)
+    stream_calls_before = await asyncio.to_thread(_server_calls, server, "RerankStream")
     async with AsyncLycheeClient(server.address, stream_threshold_bytes=0, max_chunk_bytes=4096) as chunked:
         streamed = await chunked.rerank(query, docs, return_text=True)
+    # The server, not just the client's flag, saw a RerankStream call.
+    assert await asyncio.to_thread(_server_calls, server, "RerankStream") == stream_calls_before + 1
     async with AsyncLycheeClient(server.address) as client:
         unary = await client.rerank(query, docs, return_text=True)
     _check_ranking(streamed, 2, streamed=True)

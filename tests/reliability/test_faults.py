@@ -16,6 +16,7 @@ server as a subprocess and sends it a real SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import threading
@@ -478,33 +479,79 @@ async def test_engine_exception_text_does_not_reach_the_caller(fx: Faulty, kit: 
 # --------------------------------------------------------------------------------------------
 # SIGTERM drain (subprocess)
 
+# grpc artifacts for calls the server's handler never ran (so the server never accepted them):
+# * grpc/grpc#41785: calls still pending in grpc core (not yet matched to a handler) when the
+#   server shuts down end with CANCELLED instead of UNAVAILABLE;
+# * grpc/grpc#36066: when a server ends a client stream before the client half-closed (here:
+#   SHUTTING_DOWN for a stream opened during the drain), the aio client may report INTERNAL
+#   "Internal error from Core" instead of the server's status.
+_PENDING_CANCELLED = ("CANCELLED/-", "CANCELLED")
+_CLIENT_MASKED = ("INTERNAL/-", "Internal error from Core")
+
 
 @dataclass
 class CallRecord:
+    request_id: str
+    kind: str  # unary | stream
     start: float
     end: float
-    label: str  # "OK" or CODE/REASON
-    problem: str | None = None  # a wrong answer on an OK status
-    kind: str = ""
+    label: str  # "OK" or CODE/REASON as the caller saw it
     details: str = ""
+    problem: str | None = None  # a wrong answer on an OK status
+
+
+def server_verdicts(lines: Sequence[str]) -> dict[str, str]:
+    """request_id -> gRPC code, from the server's own JSON request log (one line per RPC)."""
+    out: dict[str, str] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("message") == "rpc" and "request_id" in record:
+            out[str(record["request_id"])] = str(record.get("code"))
+    return out
+
+
+def judge(rec: CallRecord, server_code: str | None) -> str:
+    """Classify one call of the drain test (see the test's docstring)."""
+    if server_code is None:  # the handler never ran: the server did not take this call on
+        if rec.label.startswith("UNAVAILABLE") or (rec.label, rec.details) == _PENDING_CANCELLED:
+            return "not_accepted"
+        return "lost"
+    if server_code == "UNAVAILABLE":  # the handler refused it: SHUTTING_DOWN at the door
+        if rec.label == "UNAVAILABLE/SHUTTING_DOWN":
+            return "refused"
+        if rec.kind == "stream" and (rec.label, rec.details) == _CLIENT_MASKED:
+            return "refused_masked_by_client"
+        return "lost"
+    if server_code == "OK" and rec.label == "OK" and rec.problem is None:
+        return "answered"
+    return "lost"
 
 
 async def test_sigterm_drains_without_losing_accepted_requests(
     tiny_checkpoint: Path, kit: Any, workload: Any
 ) -> None:
-    """SIGTERM under load: every request accepted before the drain gets a real answer; requests
-    arriving during the drain are refused with UNAVAILABLE; the process exits 0 within the grace."""
+    """SIGTERM under load: no accepted request is lost, new ones are refused, exit 0 within the grace.
+
+    Each call carries its own ``x-request-id``; the server logs one JSON line per RPC with that id
+    and the code it sent, so every call is judged against the server's own verdict:
+
+    * accepted (the server's handler ran and did not refuse it) -> must be OK on both sides with a
+      real ranking;
+    * refused by the handler (UNAVAILABLE / SHUTTING_DOWN) -> the caller must see that status
+      (or grpc/grpc#36066's client-side INTERNAL for a stream);
+    * never reached a handler -> the caller must see UNAVAILABLE (or grpc/grpc#41785's CANCELLED).
+
+    Anything else is a lost request.
+    """
     fig = scenario("test_sigterm_drains_without_losing_accepted_requests")
     grace = 20.0
     clients = 12
-    env = {
-        "LYCHEE_GRACE_PERIOD_S": str(grace),
-        "LYCHEE_LOG_LEVEL": "WARNING",
-        "LYCHEE_DECODE_THREADS": "2",
-    }
+    env = {"LYCHEE_GRACE_PERIOD_S": str(grace), "LYCHEE_LOG_LEVEL": "INFO", "LYCHEE_DECODE_THREADS": "2"}
     records: list[CallRecord] = []
     signalled = asyncio.Event()
-    t_signal = 0.0
 
     async def client(address: str, idx: int, stop_at: float) -> None:
         rng = random.Random(1000 + idx)
@@ -513,21 +560,24 @@ async def test_sigterm_drains_without_losing_accepted_requests(
                 if time.monotonic() > stop_at:
                     return
                 req = workload.request(rng, rng.randint(6, 10), with_images=n % 3 == 0)
+                rid = f"drain-{idx}-{n}"
+                md = (("x-request-id", rid),)
+                kind = "unary" if n % 2 else "stream"
                 call = (
-                    stub.Rerank(req, timeout=CALL_TIMEOUT_S)
-                    if n % 2
-                    else stub.RerankStream(iter(workload.stream(req)), timeout=CALL_TIMEOUT_S)
+                    stub.Rerank(req, timeout=CALL_TIMEOUT_S, metadata=md)
+                    if kind == "unary"
+                    else stub.RerankStream(iter(workload.stream(req)), timeout=CALL_TIMEOUT_S, metadata=md)
                 )
                 start = time.monotonic()
                 label, payload = await settle(kit, call)
-                rec = CallRecord(start, time.monotonic(), label, kind="unary" if n % 2 else "stream")
+                rec = CallRecord(rid, kind, start, time.monotonic(), label)
                 if label == "OK":
                     rec.problem = kit.check_ranking(payload.results, len(req.documents))
                 elif payload is not None:
                     rec.details = payload.details
                 records.append(rec)
                 if label != "OK" and signalled.is_set():
-                    return  # this client saw the drain; a real one would go to another replica
+                    return  # this caller saw the drain; a real one would go to another replica
 
     with subprocess_server(tiny_checkpoint, env=env) as srv:
         url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
@@ -545,56 +595,40 @@ async def test_sigterm_drains_without_losing_accepted_requests(
         rc = await asyncio.to_thread(srv.proc.wait, grace + 30)
         exit_s = time.monotonic() - t_signal
         await asyncio.wait_for(asyncio.gather(*tasks), CALL_TIMEOUT_S + 30)
-
-    in_flight = [r for r in records if r.start < t_signal < r.end]
-    before = [r for r in records if r.start < t_signal]
-    after = [r for r in records if r.start >= t_signal]
-    refused = [
-        r
-        for r in records
-        if r.label.startswith("UNAVAILABLE") and (r.label.endswith("/SHUTTING_DOWN") or r.start >= t_signal)
-    ]
-    # grpc.aio client bug (grpc/grpc#36066): when a server ends a client stream before the client
-    # half-closed (here: SHUTTING_DOWN for a stream opened during the drain), the client may
-    # report INTERNAL "Internal error from Core" instead of the server's status. Only a stream
-    # opened after SIGTERM may be excused this way; the same label before it counts as lost.
-    masked = [
-        r
-        for r in records
-        if r.kind == "stream"
-        and r.start >= t_signal
-        and r.label == "INTERNAL/-"
-        and r.details == "Internal error from Core"
-    ]
-    lost = [r for r in records if r.label != "OK" and r not in refused and r not in masked]
-    wrong = [r for r in records if r.problem is not None]
+        lines = list(srv.lines)
+    # The reader thread has seen EOF once the process exited (subprocess_server joins it on exit).
+    verdicts = server_verdicts(lines)
+    judged = [(rec, judge(rec, verdicts.get(rec.request_id))) for rec in records]
+    tally = Counter(v for _, v in judged)
+    in_flight = [(r, v) for r, v in judged if r.start < t_signal < r.end]
+    lost = [r for r, v in judged if v == "lost"]
     fig.update(
         clients=clients,
         grace_period_s=grace,
         requests=len(records),
-        answered=sum(r.label == "OK" for r in records),
+        server_logged=sum(1 for r in records if r.request_id in verdicts),
+        accepted=tally["answered"] + tally["lost"],
+        answered=tally["answered"],
         in_flight_at_sigterm=len(in_flight),
-        in_flight_answered=sum(r.label == "OK" for r in in_flight),
-        sent_after_sigterm=len(after),
-        refused_unavailable=len(refused),
-        refusals=dict(Counter(r.label for r in refused)),
-        refused_seen_as_client_internal=len(masked),
+        in_flight_answered=sum(v == "answered" for _, v in in_flight),
+        refused_shutting_down=tally["refused"],
+        refused_masked_by_client_grpc_36066=tally["refused_masked_by_client"],
+        not_accepted=tally["not_accepted"],
+        not_accepted_labels=dict(Counter(r.label for r, v in judged if v == "not_accepted")),
+        sent_after_sigterm=sum(r.start >= t_signal for r in records),
         lost=len(lost),
-        lost_labels=dict(Counter(r.label for r in lost)),
         lost_examples=[
-            f"{r.kind} +{r.start - t_signal:.3f}s..+{r.end - t_signal:.3f}s {r.label}: {r.details}"
+            f"{r.kind} {r.request_id} +{r.start - t_signal:.3f}s..+{r.end - t_signal:.3f}s "
+            f"client={r.label} server={verdicts.get(r.request_id)} {r.details} {r.problem or ''}"
             for r in lost[:5]
         ],
-        wrong_answers=len(wrong),
         exit_code=rc,
         exit_seconds_after_sigterm=round(exit_s, 2),
     )
-    assert len(in_flight) >= 1, "no request was in flight at SIGTERM: the drain was not exercised"
-    assert all(r.label == "OK" for r in in_flight), fig
-    assert not lost, fig
-    assert not wrong, fig
-    assert refused or masked, "no request was refused after SIGTERM"
-    assert len(before) > len(in_flight)
+    assert fig["server_logged"] > 0, "no request log from the server: cannot judge the calls"
+    assert sum(v == "answered" for _, v in in_flight) >= 1, "nothing was in flight at SIGTERM"
+    assert not lost, fig["lost_examples"]
+    assert tally["refused"] + tally["refused_masked_by_client"] + tally["not_accepted"] >= 1, "nothing refused"
     assert rc == 0, f"server exit code {rc}"
     assert exit_s < grace, "the server waited out the whole grace period instead of draining"
     fig["survived"] = True

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lychee_server.domain import Content, EngineInfo, ImageInput, Modality
 from lychee_server.engine.images import ImageLimits, decode_image
 from lychee_server.engine.loading import LoadedModel, load_model
+from lychee_server.engine.preprocess import FastImagePreprocessor, hf_patches
 from lychee_server.engine.recipe import (
     DOCUMENT_MARKER,
     build_messages,
@@ -31,6 +32,7 @@ from lychee_server.engine.recipe import (
     expand_and_position,
     image_token_count,
 )
+from lychee_server.engine.vision import VisionTower
 from lychee_server.engine.vision_cache import VisionCache, VisionEntry, image_key
 from lychee_server.errors import DeviceOutOfMemory, InternalError, InvalidInput, LycheeError
 from lychee_server.settings import Settings
@@ -43,7 +45,10 @@ _VIT_PATCH_CHUNK = 65536  # patches per vision-tower call
 
 @dataclass(eq=False)
 class ImageItem:
-    """One image of a pair: its cache key, patch grid and (unless cached) preprocessed pixels."""
+    """One image of a pair: its cache key, patch grid and (unless cached) preprocessed pixels.
+
+    ``pixel_values`` is the processor's patch matrix without its temporal duplicate:
+    ``(t*h*w, C*P*P)`` float32 on CPU (see ``engine.preprocess``)."""
 
     key: str
     grid: tuple[int, int, int]
@@ -116,6 +121,12 @@ class QwenRerankEngine:
         inner = self.model.model
         self.lm: Any = inner.language_model if hasattr(inner, "language_model") else inner
         self.visual: Any = inner.visual if hasattr(inner, "visual") else self.model.visual
+        self.tower = VisionTower(self.visual)
+        fast = FastImagePreprocessor(self.processor.image_processor)
+        # Bit-exact or not used: the HF processor stays the fallback (e.g. another transformers version).
+        self._fast_pre: FastImagePreprocessor | None = (
+            fast if fast.self_check(self.processor.image_processor) else None
+        )
         tcfg = getattr(cfg, "text_config", cfg)
         self.n_heads = int(tcfg.num_attention_heads)
         self.n_kv = int(tcfg.num_key_value_heads)
@@ -186,9 +197,11 @@ class QwenRerankEngine:
 
     def _preprocess(self, key: str, image: ImageInput) -> ImageItem:
         pil = decode_image(image, self.limits)
-        out = self.processor.image_processor(images=[pil], return_tensors="pt")
-        grid = tuple(int(x) for x in out["image_grid_thw"][0].tolist())
-        return ImageItem(key, (grid[0], grid[1], grid[2]), out["pixel_values"], image)
+        if self._fast_pre is not None:
+            patches, grid = self._fast_pre(pil)
+        else:
+            patches, grid = hf_patches(self.processor.image_processor, pil)
+        return ImageItem(key, grid, patches, image)
 
     def prepare_query(self, instruction: str, query: Content, max_length: int) -> QwenPreparedQuery:
         images = [self._image_item(query.image)] if query.image is not None else []
@@ -299,12 +312,8 @@ class QwenRerankEngine:
         return found
 
     def _run_vit(self, items: list[ImageItem]) -> dict[str, torch.Tensor]:
-        pv = torch.cat([it.pixel_values for it in items if it.pixel_values is not None], dim=0)
-        grid = torch.tensor([it.grid for it in items], dtype=torch.long)
-        out = self.visual(self._to_device(pv).to(self.visual.dtype), grid_thw=self._to_device(grid))
-        if not isinstance(out, torch.Tensor):
-            pooled = getattr(out, "pooler_output", None)
-            out = pooled if pooled is not None else out.last_hidden_state
+        pv = [self._to_device(it.pixel_values) for it in items if it.pixel_values is not None]
+        out = self.tower(pv, [it.grid for it in items])
         sizes = [image_token_count(it.grid, self.merge) for it in items]
         result: dict[str, torch.Tensor] = {}
         for it, emb in zip(items, torch.split(out, sizes), strict=True):

@@ -1,0 +1,179 @@
+"""The Qwen2.5-VL vision tower run over its own weight modules, with batched window attention.
+
+Why not ``model.visual(pixels, grid_thw)``: with SDPA (no flash-attn varlen kernel) transformers runs
+window attention as a Python loop of one attention call per window per layer (~80 windows for one
+1080p image, x28 windowed layers on the 7B tower: thousands of tiny kernel launches per image).
+Here the merge units are *reordered* so that windows of equal size are contiguous: then one layer is
+at most nine attention calls (a window holds 1..4 x 1..4 merge units, so few distinct sizes exist)
+whatever the number of images, each a plain batched SDPA call on a view, with no mask and no padding.
+Full-attention layers attend within each image; images of equal size are batched into one call.
+Attention does not depend on token order within a segment (no causal mask), and the merger output is
+put back into the processor's order, so the result equals transformers' up to float summation order
+(checked by ``tests/engine/test_vision.py`` and the golden tests).
+
+Input patches come without the temporal duplicate the processor writes for still images (see
+``engine.preprocess``): the two temporal slices of the Conv3d patch kernel are summed once, and the
+patch embedding becomes one matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["VisionPlan", "VisionTower"]
+
+
+@dataclass(frozen=True)
+class VisionPlan:
+    """Token layout of one vision-tower call over several images (all index tensors on the device)."""
+
+    patch_order: torch.Tensor  # (N,) processor patch index of each position in the run order
+    unit_inverse: torch.Tensor  # (N / unit,) run-order unit of each processor-order unit
+    window_groups: tuple[tuple[int, int, int], ...]  # (start, count, length) in patches, contiguous
+    full_groups: tuple[torch.Tensor | None, ...]  # (count, length) run-order indices; None = all tokens
+    positions: torch.Tensor  # (N, 2) (row, col) rotary positions in run order
+
+
+def build_plan(
+    grids: Sequence[tuple[int, int, int]], merge: int, window: int, device: torch.device
+) -> VisionPlan:
+    """Layout for ``grids`` (t, h, w) in patches; ``window`` is the window side in merge units."""
+    unit = merge * merge
+    windows: dict[int, list[np.ndarray]] = {}  # window length (units) -> unit index lists
+    segments: list[np.ndarray] = []  # processor-order unit ranges of each attention frame
+    pos_parts: list[np.ndarray] = []
+    offset = 0
+    for t, h, w in grids:
+        gh, gw = h // merge, w // merge
+        nwh, nww = -(-gh // window), -(-gw // window)
+        for _ in range(t):
+            idx = np.full((nwh * window, nww * window), -1, dtype=np.int64)
+            idx[:gh, :gw] = np.arange(gh * gw).reshape(gh, gw) + offset
+            # (window row, window col, row in window, col in window): windows row-major, units inside too
+            tiles = idx.reshape(nwh, window, nww, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
+            for tile in tiles:
+                units = tile[tile >= 0]
+                if len(units):
+                    windows.setdefault(len(units), []).append(units)
+            segments.append(np.arange(offset, offset + gh * gw))
+            offset += gh * gw
+        # Rotary (row, col) of each patch in processor order: merge units row-major, 2x2 inside.
+        rows = np.arange(h).reshape(gh, merge, 1, 1) * np.ones((1, 1, gw, merge), dtype=np.int64)
+        cols = np.arange(w).reshape(1, 1, gw, merge) * np.ones((gh, merge, 1, 1), dtype=np.int64)
+        rc = np.stack([rows.transpose(0, 2, 1, 3).reshape(-1), cols.transpose(0, 2, 1, 3).reshape(-1)], 1)
+        pos_parts.append(np.tile(rc, (t, 1)))
+    order_units: list[np.ndarray] = []
+    window_groups: list[tuple[int, int, int]] = []
+    start = 0
+    for length in sorted(windows):
+        group = windows[length]
+        order_units.append(np.concatenate(group))
+        window_groups.append((start * unit, len(group), length * unit))
+        start += len(group) * length
+    unit_order = np.concatenate(order_units)
+    unit_inverse = np.empty_like(unit_order)
+    unit_inverse[unit_order] = np.arange(len(unit_order))
+    sub = np.arange(unit)
+    patch_order = (unit_order[:, None] * unit + sub).reshape(-1)
+    full_groups: list[torch.Tensor | None] = []
+    if len(segments) == 1:
+        full_groups.append(None)
+    else:
+        by_len: dict[int, list[np.ndarray]] = {}
+        for seg in segments:
+            run = np.sort(unit_inverse[seg])
+            by_len.setdefault(len(seg), []).append((run[:, None] * unit + sub).reshape(-1))
+        for rows_ in by_len.values():
+            full_groups.append(torch.from_numpy(np.stack(rows_)).to(device))
+    positions = np.concatenate(pos_parts)[patch_order]
+    return VisionPlan(
+        patch_order=torch.from_numpy(patch_order).to(device),
+        unit_inverse=torch.from_numpy(unit_inverse).to(device),
+        window_groups=tuple(window_groups),
+        full_groups=tuple(full_groups),
+        positions=torch.from_numpy(positions).to(device),
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class VisionTower:
+    """Runs ``visual`` (a ``Qwen2_5_VisionTransformerPretrainedModel``) on still images."""
+
+    def __init__(self, visual: Any) -> None:
+        cfg = visual.config
+        self.visual = visual
+        self.merge = int(cfg.spatial_merge_size)
+        self.window = int(cfg.window_size) // self.merge // int(cfg.patch_size)
+        self.full_blocks = frozenset(int(i) for i in cfg.fullatt_block_indexes)
+        self.heads = int(cfg.num_heads)
+        self.head_dim = int(cfg.hidden_size) // self.heads
+        weight = visual.patch_embed.proj.weight  # (E, C, T, P, P)
+        self.dtype = weight.dtype
+        self.device = weight.device
+        # A still image repeats its frame over T: conv(x repeated) == x @ (sum over T of the kernel).
+        self.w_patch = weight.detach().float().sum(dim=2).reshape(weight.shape[0], -1).to(self.dtype)
+        self.inv_freq = visual.rotary_pos_emb.inv_freq.detach().to(self.device, torch.float32)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (N, 2, D/4)
+        f = freqs.flatten(1)  # rows then cols: (N, D/2)
+        emb = torch.cat([f, f], dim=-1)[:, None]  # (N, 1, D)
+        return emb.cos(), emb.sin()
+
+    def _attention(
+        self, x: torch.Tensor, attn: Any, cos: torch.Tensor, sin: torch.Tensor, plan: VisionPlan, full: bool
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = attn.qkv(x).view(n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        # Rotary in float32 like transformers, then back to the compute dtype.
+        qf, kf = q.float(), k.float()
+        q = (qf * cos + _rotate_half(qf) * sin).to(x.dtype)
+        k = (kf * cos + _rotate_half(kf) * sin).to(x.dtype)
+        out = torch.empty_like(q)
+        scale = self.head_dim**-0.5
+        if full:
+            for index in plan.full_groups:
+                if index is None:
+                    o = F.scaled_dot_product_attention(
+                        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
+                    )
+                    out = o[0].transpose(0, 1)
+                else:
+                    qq, kk, vv = (t[index].transpose(1, 2) for t in (q, k, v))  # (count, H, L, D)
+                    o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
+                    out[index] = o.transpose(1, 2)
+        else:
+            for start, count, length in plan.window_groups:
+                end = start + count * length
+                qq, kk, vv = (t[start:end].view(count, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+                o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
+                out[start:end] = o.transpose(1, 2).reshape(count * length, self.heads, -1)
+        return attn.proj(out.reshape(n, -1))
+
+    def __call__(self, patches: Sequence[torch.Tensor], grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Merged embeddings ``(sum of t*h*w/merge^2, out_hidden)`` of the images, in input order.
+
+        ``patches[i]`` is image i's ``(t*h*w, C*P*P)`` patch matrix (no temporal duplicate), on any
+        device; ``grids[i]`` its (t, h, w) patch grid.
+        """
+        plan = build_plan(grids, self.merge, self.window, self.device)
+        x = torch.cat([p.to(self.device, non_blocking=True) for p in patches], dim=0)
+        x = x.to(self.dtype)[plan.patch_order]
+        h = F.linear(x, self.w_patch)
+        cos, sin = self._rotary(plan.positions)
+        for i, blk in enumerate(self.visual.blocks):
+            h = h + self._attention(blk.norm1(h), blk.attn, cos, sin, plan, i in self.full_blocks)
+            h = h + blk.mlp(blk.norm2(h))
+        merged = self.visual.merger(h)
+        return merged[plan.unit_inverse]
