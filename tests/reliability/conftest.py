@@ -383,6 +383,8 @@ def _cert(
 
 
 def make_pki(directory: Path) -> Pki:
+    """Generate the PKI at test time: no key material lives in the repository, and every run gets
+    fresh EC P-256 keys valid for one day."""
     directory.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
     ca_key, rogue_ca_key = _key(), _key()

@@ -175,14 +175,15 @@ async def fx(faulty: Faulty, kit: Any) -> AsyncIterator[Faulty]:
 async def idle(kit: Any, url: str) -> dict[str, float]:
     """Wait until no pair is admitted, queued or being prepared (the work of every caller is freed)."""
 
+    gauges = (
+        "lychee_inflight_pairs",
+        "lychee_inflight_requests",
+        "lychee_queue_depth",
+        "lychee_preparing_pairs",
+    )
+
     def check(m: dict[str, float]) -> bool:
-        return (
-            all(
-                kit.metric_sum(m, name) == 0
-                for name in ("lychee_inflight_pairs", "lychee_inflight_requests", "lychee_queue_depth")
-            )
-            and kit.metric_sum(m, "lychee_preparing_pairs") == 0
-        )
+        return all(kit.metric_sum(m, name) == 0 for name in gauges)
 
     return dict(await kit.wait_for(lambda: kit.scrape(url), check, within=15, what="an idle scheduler"))
 
@@ -272,8 +273,8 @@ async def test_cancelled_and_expired_callers_free_their_work(fx: Faulty, kit: An
             within=15,
             what="the cancelled callers' pairs to be queued",
         )
-        fig["peak_inflight_pairs"] = kit.metric_sum(m, "lychee_inflight_pairs")
-        fig["peak_inflight_requests"] = kit.metric_sum(m, "lychee_inflight_requests")
+        fig["peak_inflight_pairs"] = int(kit.metric_sum(m, "lychee_inflight_pairs"))
+        fig["peak_inflight_requests"] = int(kit.metric_sum(m, "lychee_inflight_requests"))
 
         # D's deadline expires while it waits behind the held device.
         code_d, _ = await settle(kit, call_d)
@@ -322,7 +323,7 @@ async def test_cancelled_and_expired_callers_free_their_work(fx: Faulty, kit: An
         )
         assert scored == on_device
         assert dropped == queued_target
-        fig.update(pairs_scored=scored, pairs_dropped=dropped, callers_left=4)
+        fig.update(pairs_scored=int(scored), pairs_dropped=int(dropped), callers_left=4)
 
         fresh = await stub.Rerank(text_request("echo", ["blue desk", "red lamp"]), timeout=CALL_TIMEOUT_S)
         assert kit.check_ranking(fresh.results, 2) is None
@@ -367,7 +368,7 @@ async def test_device_oom_is_split_and_every_request_answered(fx: Faulty, kit: A
         want_scores = {r.index: r.score for r in want.results}
         for r in got.results:
             assert r.score == pytest.approx(want_scores[r.index], abs=1e-4)
-    fig.update(oom_splits=splits, survived=True)
+    fig.update(oom_splits=int(splits), survived=True)
 
 
 async def test_oom_on_a_single_pair_fails_only_its_request(fx: Faulty, kit: Any) -> None:
@@ -520,7 +521,7 @@ def judge(rec: CallRecord, server_code: str | None) -> str:
             return "not_accepted"
         return "lost"
     if server_code == "UNAVAILABLE":  # the handler refused it: SHUTTING_DOWN at the door
-        if rec.label == "UNAVAILABLE/SHUTTING_DOWN":
+        if rec.label.startswith("UNAVAILABLE"):  # the reason may not survive the socket closing
             return "refused"
         if rec.kind == "stream" and (rec.label, rec.details) == _CLIENT_MASKED:
             return "refused_masked_by_client"
@@ -540,8 +541,8 @@ async def test_sigterm_drains_without_losing_accepted_requests(
 
     * accepted (the server's handler ran and did not refuse it) -> must be OK on both sides with a
       real ranking;
-    * refused by the handler (UNAVAILABLE / SHUTTING_DOWN) -> the caller must see that status
-      (or grpc/grpc#36066's client-side INTERNAL for a stream);
+    * refused by the handler (UNAVAILABLE / SHUTTING_DOWN) -> the caller must see UNAVAILABLE (the
+      reason may be lost when the socket closes first), or grpc/grpc#36066's INTERNAL for a stream;
     * never reached a handler -> the caller must see UNAVAILABLE (or grpc/grpc#41785's CANCELLED).
 
     Anything else is a lost request.
@@ -611,7 +612,8 @@ async def test_sigterm_drains_without_losing_accepted_requests(
         answered=tally["answered"],
         in_flight_at_sigterm=len(in_flight),
         in_flight_answered=sum(v == "answered" for _, v in in_flight),
-        refused_shutting_down=tally["refused"],
+        refused_unavailable=tally["refused"],
+        refused_labels=dict(Counter(r.label for r, v in judged if v == "refused")),
         refused_masked_by_client_grpc_36066=tally["refused_masked_by_client"],
         not_accepted=tally["not_accepted"],
         not_accepted_labels=dict(Counter(r.label for r, v in judged if v == "not_accepted")),
@@ -628,7 +630,8 @@ async def test_sigterm_drains_without_losing_accepted_requests(
     assert fig["server_logged"] > 0, "no request log from the server: cannot judge the calls"
     assert sum(v == "answered" for _, v in in_flight) >= 1, "nothing was in flight at SIGTERM"
     assert not lost, fig["lost_examples"]
-    assert tally["refused"] + tally["refused_masked_by_client"] + tally["not_accepted"] >= 1, "nothing refused"
+    refusals = tally["refused"] + tally["refused_masked_by_client"] + tally["not_accepted"]
+    assert refusals >= 1, "no call was refused: the drain was not exercised"
     assert rc == 0, f"server exit code {rc}"
     assert exit_s < grace, "the server waited out the whole grace period instead of draining"
     fig["survived"] = True
