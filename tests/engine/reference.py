@@ -8,9 +8,10 @@ import math
 from typing import Any
 
 import torch
+from PIL import Image
+
 from lychee_server.domain import SYSTEM_PROMPT, Content
 from lychee_server.engine.images import ImageLimits, decode_image
-from PIL import Image
 
 
 def _messages(

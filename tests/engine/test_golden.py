@@ -7,12 +7,13 @@ import random
 from typing import Any
 
 import pytest
+from reference import reference_logit
+
 from helpers import image_input
 from lychee_server.domain import DEFAULT_INSTRUCTION, Content
 from lychee_server.engine.interface import PreparedPair, PreparedQuery, probability
 from lychee_server.engine.qwen import QwenRerankEngine
 from lychee_server.errors import InvalidInput
-from reference import reference_logit
 
 TOL = 1e-5
 LONG_TEXT = " ".join(

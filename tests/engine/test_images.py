@@ -6,11 +6,12 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from helpers import encode, pattern
 from lychee_server.domain import ImageInput, MediaType
 from lychee_server.engine.images import ImageLimits, decode_image
 from lychee_server.errors import InvalidInput
-from PIL import Image
 
 LIMITS = ImageLimits()
 

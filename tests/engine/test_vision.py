@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from lychee_server.engine.preprocess import FastImagePreprocessor, hf_patches
 from lychee_server.engine.qwen import QwenRerankEngine
 from lychee_server.engine.vision import build_plan
-from PIL import Image
 
 SIZES = [(57, 91), (300, 40), (28, 28), (1, 1), (29, 1000), (1920, 1080), (1333, 777), (64, 64)]
 

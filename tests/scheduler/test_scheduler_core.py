@@ -343,3 +343,20 @@ async def test_drain_lets_admitted_work_finish() -> None:
     result = await asyncio.wait_for(held, WAIT)
     assert result.results[0].score == 7.0
     await asyncio.wait_for(drain, WAIT)
+
+
+class _ImageErrorEngine(FakeEngine):  # type: ignore[misc]  # harness is not on mypy_path
+    """An engine whose image error names no field (as a decoder error might)."""
+
+    def prepare_pair(self, query: Any, document: Content) -> Any:
+        if document.image is not None:
+            raise errors.InvalidInput("image could not be decoded", reason="IMAGE_DECODE_FAILED")
+        return super().prepare_pair(query, document)
+
+
+async def test_fieldless_image_error_points_at_the_image() -> None:
+    async with running(_ImageErrorEngine()) as sched:
+        with pytest.raises(errors.InvalidInput) as info:
+            await asyncio.wait_for(sched.rerank(make_job("1", "2", images={1})), WAIT)
+        assert [v.field for v in info.value.violations] == ["documents[1].image"]
+        assert info.value.reason == "IMAGE_DECODE_FAILED"

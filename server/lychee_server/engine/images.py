@@ -105,7 +105,7 @@ def decode_image(image: ImageInput, limits: ImageLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[sniffed]])
+            img: Image.Image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[sniffed]])
             w, h = img.size  # from the header: nothing decoded yet
             if w <= 0 or h <= 0:
                 raise InvalidInput("image has no pixels", reason="IMAGE_DECODE_FAILED")

@@ -179,6 +179,10 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
                 sub_cfg = getattr(config, sub, None)
                 if sub_cfg is not None:
                     sub_cfg._attn_implementation = attn
+            # Built and randomly initialised directly on the target device in the target dtype: no
+            # CPU copy and no FP32 copy of the weights (a 7B model starts in seconds on a GPU). No
+            # ``model.to(dtype)`` afterwards: it would also cast the FP32 rotary ``inv_freq`` buffers
+            # to bf16 (wrong angles at large positions), unlike ``from_pretrained``.
             with torch.device(device):
                 prev = torch.get_default_dtype()
                 torch.set_default_dtype(dtype)
@@ -186,7 +190,6 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
                     model = Qwen2_5_VLForConditionalGeneration(config)
                 finally:
                     torch.set_default_dtype(prev)
-            model = model.to(device=device, dtype=dtype)
         else:
             kwargs: dict[str, Any] = {"revision": revision, "attn_implementation": attn}
             if settings.load_in_4bit:

@@ -52,7 +52,10 @@ class FastImagePreprocessor:
         self.patch = int(processor.patch_size)
         self.merge = int(processor.merge_size)
         size = processor.size
-        get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+
+        def get(name: str) -> Any:
+            return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+
         self.min_pixels = int(get("shortest_edge") or processor.min_pixels)
         self.max_pixels = int(get("longest_edge") or processor.max_pixels)
         self.do_resize = bool(processor.do_resize)
@@ -119,7 +122,7 @@ class FastImagePreprocessor:
             try:
                 got, grid = self(img)
                 want, want_grid = hf_patches(processor, img)
-            except Exception:  # noqa: BLE001 - any incompatibility means: use the HF processor
+            except Exception:  # any incompatibility means: use the HF processor
                 return False
             if grid != want_grid or got.shape != want.shape or not torch.equal(got, want):
                 return False

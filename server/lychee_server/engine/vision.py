@@ -18,6 +18,7 @@ patch embedding becomes one matmul.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,13 @@ class VisionPlan:
     positions: torch.Tensor  # (N, 2) (row, col) rotary positions in run order
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_plan(
+    grids: tuple[tuple[int, int, int], ...], merge: int, window: int, device: torch.device
+) -> VisionPlan:
+    return build_plan(grids, merge, window, device)
+
+
 def build_plan(
     grids: Sequence[tuple[int, int, int]], merge: int, window: int, device: torch.device
 ) -> VisionPlan:
@@ -57,10 +65,10 @@ def build_plan(
             idx[:gh, :gw] = np.arange(gh * gw).reshape(gh, gw) + offset
             # (window row, window col, row in window, col in window): windows row-major, units inside too
             tiles = idx.reshape(nwh, window, nww, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
-            for tile in tiles:
-                units = tile[tile >= 0]
-                if len(units):
-                    windows.setdefault(len(units), []).append(units)
+            counts = (tiles >= 0).sum(axis=1)
+            for length in np.unique(counts[counts > 0]).tolist():
+                sel = tiles[counts == length]
+                windows.setdefault(length, []).append(sel[sel >= 0].reshape(-1, length))
             segments.append(np.arange(offset, offset + gh * gw))
             offset += gh * gw
         # Rotary (row, col) of each patch in processor order: merge units row-major, 2x2 inside.
@@ -72,10 +80,10 @@ def build_plan(
     window_groups: list[tuple[int, int, int]] = []
     start = 0
     for length in sorted(windows):
-        group = windows[length]
-        order_units.append(np.concatenate(group))
+        group = np.concatenate(windows[length])  # (windows, length) unit indices
+        order_units.append(group.reshape(-1))
         window_groups.append((start * unit, len(group), length * unit))
-        start += len(group) * length
+        start += group.size
     unit_order = np.concatenate(order_units)
     unit_inverse = np.empty_like(unit_order)
     unit_inverse[unit_order] = np.arange(len(unit_order))
@@ -156,18 +164,24 @@ class VisionTower:
         else:
             for start, count, length in plan.window_groups:
                 end = start + count * length
-                qq, kk, vv = (t[start:end].view(count, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+                qq, kk, vv = (
+                    t[start:end].view(count, length, self.heads, -1).transpose(1, 2) for t in (q, k, v)
+                )
                 o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
                 out[start:end] = o.transpose(1, 2).reshape(count * length, self.heads, -1)
-        return attn.proj(out.reshape(n, -1))
+        projected: torch.Tensor = attn.proj(out.reshape(n, -1))
+        return projected
 
-    def __call__(self, patches: Sequence[torch.Tensor], grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    def __call__(
+        self, patches: Sequence[torch.Tensor], grids: Sequence[tuple[int, int, int]]
+    ) -> torch.Tensor:
         """Merged embeddings ``(sum of t*h*w/merge^2, out_hidden)`` of the images, in input order.
 
         ``patches[i]`` is image i's ``(t*h*w, C*P*P)`` patch matrix (no temporal duplicate), on any
         device; ``grids[i]`` its (t, h, w) patch grid.
         """
-        plan = build_plan(grids, self.merge, self.window, self.device)
+        # Batches of same-resolution images repeat their layouts: cache them (small CPU work otherwise).
+        plan = _cached_plan(tuple(tuple(g) for g in grids), self.merge, self.window, self.device)
         x = torch.cat([p.to(self.device, non_blocking=True) for p in patches], dim=0)
         x = x.to(self.dtype)[plan.patch_order]
         h = F.linear(x, self.w_patch)
@@ -175,5 +189,5 @@ class VisionTower:
         for i, blk in enumerate(self.visual.blocks):
             h = h + self._attention(blk.norm1(h), blk.attn, cos, sin, plan, i in self.full_blocks)
             h = h + blk.mlp(blk.norm2(h))
-        merged = self.visual.merger(h)
+        merged: torch.Tensor = self.visual.merger(h)
         return merged[plan.unit_inverse]

@@ -3,6 +3,10 @@
 Why: in reranking the same images come back again and again (the same catalogue photo scored for
 many queries). The ViT is a large share of an image pair's cost, and its output depends only on the
 image bytes and the processor settings, so those make the key (see :func:`image_key`).
+
+Bounded by entries *and* bytes: entry size varies ~100x with image resolution (a 1080p image is
+~1200 tokens x hidden x 2 bytes, ~9 MiB at 7B/bf16; a thumbnail a few KiB), so an entry count
+alone cannot bound device memory.
 """
 
 from __future__ import annotations
@@ -34,15 +38,29 @@ class VisionEntry:
     embeds: torch.Tensor  # (tokens, hidden) merged vision-tower output, on the model device
 
 
-class VisionCache:
-    """LRU by entry count; ``capacity == 0`` disables it. All methods are safe from any thread."""
+def _nbytes(entry: VisionEntry) -> int:
+    return entry.embeds.numel() * entry.embeds.element_size()
 
-    def __init__(self, capacity: int) -> None:
+
+class VisionCache:
+    """LRU bounded by ``capacity`` entries and ``max_bytes`` bytes of embeddings (evicts least
+    recently used entries until under both); either at 0 disables it. Safe from any thread."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._data: OrderedDict[str, VisionEntry] = OrderedDict()
+        self._bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of embeddings held now."""
+        with self._lock:
+            return self._bytes
 
     def get(self, key: str) -> VisionEntry | None:
         with self._lock:
@@ -61,17 +79,26 @@ class VisionCache:
             return None if entry is None else entry.grid
 
     def put(self, key: str, entry: VisionEntry) -> None:
-        if self.capacity <= 0:
-            return
+        size = _nbytes(entry)
+        if self.capacity <= 0 or (self.max_bytes is not None and size > self.max_bytes):
+            return  # disabled, or an entry that could never fit: do not flush the cache for it
         with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= _nbytes(old)
             self._data[key] = entry
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            self._bytes += size
+            while len(self._data) > self.capacity or (
+                self.max_bytes is not None and self._bytes > self.max_bytes
+            ):
+                _, evicted = self._data.popitem(last=False)
+                self._bytes -= _nbytes(evicted)
+                self.evictions += 1
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         with self._lock:

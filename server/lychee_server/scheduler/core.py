@@ -328,6 +328,10 @@ class Scheduler:
     def _prep_error(exc: BaseException, where: str) -> errors.LycheeError:
         """Input problems point at the offending field; anything unexpected is a server fault."""
         if isinstance(exc, errors.InvalidInput | errors.Unsupported):
+            if not exc.violations and exc.reason.startswith("IMAGE_"):
+                # An engine error about "the image" that names no field: every IMAGE_* reason is
+                # about the content's image, so point at it rather than at the whole document.
+                return exc.at(f"{where}.image")
             return exc.at(where)
         if isinstance(exc, errors.LycheeError):
             return exc
