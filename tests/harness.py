@@ -380,7 +380,7 @@ def subprocess_server(
     )
     full_env.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lychee_server.app"],
+        [sys.executable, "-m", "lychee_server.cli", "serve"],
         cwd=REPO_ROOT,
         env=full_env,
         stdout=subprocess.PIPE,

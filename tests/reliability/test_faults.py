@@ -453,11 +453,6 @@ async def test_preparation_failures_fail_only_their_request(fx: Faulty, kit: Any
     fig["survived"] = True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: scheduler/core.py (_prep_error, _device_error) puts the engine exception's "
-    "text into the InternalError message sent to the caller; edge/status.py's rule says it must not",
-)
 async def test_engine_exception_text_does_not_reach_the_caller(fx: Faulty, kit: Any) -> None:
     """Exception text can hold paths or user data (edge/status.py's rule): the INTERNAL status a
     caller sees must not repeat it."""

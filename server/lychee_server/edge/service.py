@@ -95,6 +95,34 @@ def _decode_stream_message(data: bytes | pb.RerankStreamRequest, index: int) -> 
         ) from exc
 
 
+# How much of a rejected stream is still read (and thrown away) before the error is sent.
+_DISCARD_MAX_BYTES = 8 * 1024 * 1024
+_DISCARD_MAX_SECONDS = 2.0
+
+
+async def _discard_rest(request_iterator: AsyncIterator[Any]) -> None:
+    """Read what the client is still sending (bounded) before answering with an error.
+
+    Ending a client stream while the caller is mid-write makes some clients (grpcio's aio
+    client: grpc/grpc#36066) report a local INTERNAL "Internal error from Core" instead of our
+    status, so the precise error would be lost. Reading on until the caller half-closes, within
+    a few MiB and seconds, lets it see the real status; a caller that keeps sending past that is
+    cut off anyway. Nothing read here is buffered or processed.
+    """
+
+    async def drain() -> None:
+        seen = 0
+        async for raw in request_iterator:
+            seen += len(raw) if isinstance(raw, bytes) else raw.ByteSize()
+            if seen > _DISCARD_MAX_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(drain(), timeout=_DISCARD_MAX_SECONDS)
+    except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass
+
+
 def _check_modalities(job: RerankJob, info: EngineInfo) -> None:
     """FAILED_PRECONDITION for content the loaded model cannot take (before any work starts)."""
     violations: list[errors.FieldViolation] = []
@@ -186,13 +214,17 @@ class RerankService(pb_grpc.RerankServiceServicer):
         self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: _Call
     ) -> pb.RerankStreamResponse:
         t0 = time.monotonic()
-        self._require_serving()
-        assembler = StreamAssembler(self._settings, call.request_id)
-        index = 0
-        async for raw in request_iterator:
-            assembler.feed(_decode_stream_message(raw, index))
-            index += 1
-        job = assembler.finish()
+        try:
+            self._require_serving()
+            assembler = StreamAssembler(self._settings, call.request_id)
+            index = 0
+            async for raw in request_iterator:
+                assembler.feed(_decode_stream_message(raw, index))
+                index += 1
+            job = assembler.finish()
+        except errors.LycheeError:
+            await _discard_rest(request_iterator)
+            raise
         result = await self._score(job, context, call)
         return codec.result_to_stream_pb(
             replace(result, timings=replace(result.timings, total=time.monotonic() - t0))

@@ -335,7 +335,10 @@ class Scheduler:
             return exc.at(where)
         if isinstance(exc, errors.LycheeError):
             return exc
-        err = errors.InternalError(f"preparing {where} failed: {type(exc).__name__}: {exc}")
+        # The exception's own text may hold paths or user data: it is logged (chained as the
+        # cause), never sent to the caller.
+        log.error("preparing %s failed", where, exc_info=exc)
+        err = errors.InternalError(f"preparing {where} failed (server fault; see the server log)")
         err.__cause__ = exc
         return err
 
@@ -561,7 +564,8 @@ class Scheduler:
         elif isinstance(exc, errors.LycheeError):
             return exc
         else:
-            err = errors.InternalError(f"scoring failed: {type(exc).__name__}: {exc}")
+            log.error("scoring a batch failed", exc_info=exc)
+            err = errors.InternalError("scoring failed (server fault; see the server log)")
         err.__cause__ = exc
         return err
 
