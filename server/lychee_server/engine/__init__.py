@@ -7,14 +7,14 @@ optimized engine, ``engine.recipe`` the prompt recipe, ``engine.images`` image d
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    from lychee_server.engine.qwen import QwenRerankEngine
+    from lychee_server.engine.interface import Engine
     from lychee_server.settings import Settings
 
 
-def load_engine(settings: Settings) -> QwenRerankEngine:
+def load_engine(settings: Settings) -> Engine:
     """Load the model named by ``settings.model`` and return the optimized engine.
 
     Raises ``lychee_server.engine.loading.ModelLoadError`` (UNAVAILABLE, reason
@@ -22,4 +22,6 @@ def load_engine(settings: Settings) -> QwenRerankEngine:
     """
     from lychee_server.engine.qwen import QwenRerankEngine
 
-    return QwenRerankEngine.from_settings(settings)
+    # The engine accepts only the prepared values it made itself (a narrower parameter type than
+    # the protocol's); the scheduler only ever hands an engine its own values back.
+    return cast("Engine", QwenRerankEngine.from_settings(settings))

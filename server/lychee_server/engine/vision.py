@@ -182,9 +182,9 @@ class VisionTower:
         """
         # Batches of same-resolution images repeat their layouts: cache them (small CPU work otherwise).
         plan = _cached_plan(tuple(tuple(g) for g in grids), self.merge, self.window, self.device)
-        x = torch.cat([p.to(self.device, non_blocking=True) for p in patches], dim=0)
-        x = x.to(self.dtype)[plan.patch_order]
-        h = F.linear(x, self.w_patch)
+        # Embed per image, then reorder the (N, hidden) result: no concatenated copy of the inputs.
+        embedded = [F.linear(p.to(self.device, self.dtype, non_blocking=True), self.w_patch) for p in patches]
+        h = torch.cat(embedded).index_select(0, plan.patch_order)
         cos, sin = self._rotary(plan.positions)
         for i, blk in enumerate(self.visual.blocks):
             h = h + self._attention(blk.norm1(h), blk.attn, cos, sin, plan, i in self.full_blocks)
