@@ -36,6 +36,7 @@ def tiny_settings(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_settings):  # type: ignore[no-untyped-def]
     import torch
+
     from lychee_server.engine.qwen import QwenRerankEngine
 
     torch.set_num_threads(2)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from lychee_server.domain import ImageInput, MediaType
 from PIL import Image
+
+from lychee_server.domain import ImageInput, MediaType
 
 
 def pattern(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import math
-import random
 import re
-from typing import Any
 
-import pytest
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
-
-SERVER_OVERRIDES: dict[str, Any] = {"warmup": False, "dtype": "float32", "max_pixels": 16 * 28 * 28}
-
-
-def require_server_stack(request: pytest.FixtureRequest) -> tuple[Any, Any]:
-    harness = pytest.importorskip("harness")
-    pytest.importorskip("lychee_server.app")
-    try:
-        checkpoint = request.getfixturevalue("tiny_checkpoint")
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_checkpoint fixture not available")
-    return harness, checkpoint
+from server_support import noise_image
 
 
 class HashedBagOfWords(Embeddings):
@@ -51,12 +36,7 @@ class HashedBagOfWords(Embeddings):
 
 
 def png(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:
-    from PIL import Image
-
-    rng = random.Random(seed)
-    buf = io.BytesIO()
-    Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).save(buf, format="PNG")
-    return buf.getvalue()
+    return noise_image(size[0], size[1], seed=seed)
 
 
 def corpus() -> list[Document]:

@@ -15,15 +15,15 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_classic")
 pytest.importorskip("PIL")
 
-from adapter_support import SERVER_OVERRIDES, HashedBagOfWords, corpus, require_server_stack
+from adapter_support import HashedBagOfWords, corpus
 from langchain_core.documents import Document
 from langchain_core.vectorstores import InMemoryVectorStore
+from server_support import tiny_server
 
 
 @pytest.fixture(scope="session")
 async def adapter_server(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
-    harness, checkpoint = require_server_stack(request)
-    async with harness.running_server(checkpoint, **SERVER_OVERRIDES) as srv:
+    async with tiny_server(request) as srv:
         yield srv
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import grpc
 import pytest
-from adapter_support import SERVER_OVERRIDES, corpus, png, require_server_stack
+from adapter_support import corpus, png
 from langchain_classic.retrievers import ContextualCompressionRetriever
 from langchain_core.documents import Document
+from server_support import tiny_server
 
 from langchain_lychee import LycheeRerank
 from lychee.rerank.client import (
@@ -213,8 +214,7 @@ async def test_unreachable_server_is_unavailable_error(
 
 
 async def test_authentication_error(request: pytest.FixtureRequest, documents: list[Document]) -> None:
-    harness, checkpoint = require_server_stack(request)
-    async with harness.running_server(checkpoint, **SERVER_OVERRIDES, api_keys=("k3y",)) as srv:
+    async with tiny_server(request, api_keys=("k3y",)) as srv:
         with pytest.raises(AuthenticationError) as info:
             await LycheeRerank(target=srv.address, api_key=None).acompress_documents(documents, QUESTION)
         assert isinstance(info.value.__cause__, grpc.RpcError)

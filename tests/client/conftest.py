@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from client_support import SERVER_OVERRIDES, require_server_stack
+from server_support import tiny_server
 
 
 @pytest.fixture(scope="session")
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """One plain server for the session (read-only use: no test changes its state)."""
-    harness, checkpoint = require_server_stack(request)
-    async with harness.running_server(checkpoint, **SERVER_OVERRIDES) as srv:
+    async with tiny_server(request) as srv:
         yield srv
 
 

@@ -4,14 +4,12 @@ limits driving the transport, round robin over replicas, mutual TLS."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from client_support import SERVER_OVERRIDES, noise_image, require_server_stack
+from server_support import SERVER_OVERRIDES, noise_image, require_server_stack, tiny_server
 
 from lychee.rerank.client import (
     AsyncLycheeClient,
@@ -59,11 +57,9 @@ async def test_retries_while_the_model_loads(request: pytest.FixtureRequest, cou
 
 @pytest.fixture(scope="module")
 async def strict_server(request: pytest.FixtureRequest) -> Any:
-    harness, checkpoint = require_server_stack(request)
-    overrides = dict(
-        SERVER_OVERRIDES, api_keys=("s3cret",), max_message_bytes=1 * MiB, max_chunk_bytes=16 * KiB
-    )
-    async with harness.running_server(checkpoint, **overrides) as srv:
+    async with tiny_server(
+        request, api_keys=("s3cret",), max_message_bytes=1 * MiB, max_chunk_bytes=16 * KiB
+    ) as srv:
         yield srv
 
 
@@ -101,96 +97,34 @@ async def test_transport_follows_server_limits(strict_server: Any) -> None:
 # -- mutual TLS --------------------------------------------------------------------------------
 
 
-def _write_pki(tmp: Path) -> dict[str, Path]:
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def key() -> Any:
-        return ec.generate_private_key(ec.SECP256R1())
-
-    def name(cn: str) -> Any:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = key()
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test-ca"))
-        .issuer_name(name("test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, usage: Any, san: list[Any]) -> tuple[Any, Any]:
-        k = key()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(k.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), k
-
-    server_cert, server_key = leaf(
-        "localhost",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client_cert, client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    out: dict[str, Path] = {}
-    for label, obj in [("ca", ca), ("server", server_cert), ("client", client_cert)]:
-        out[label] = tmp / f"{label}.pem"
-        out[label].write_bytes(obj.public_bytes(serialization.Encoding.PEM))
-    for label, k in [("server_key", server_key), ("client_key", client_key)]:
-        out[label] = tmp / f"{label}.pem"
-        out[label].write_bytes(
-            k.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-    return out
-
-
 async def test_mutual_tls(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     harness, checkpoint = require_server_stack(request)
-    pki = _write_pki(tmp_path)
+    pytest.importorskip("cryptography.x509")
+    pki = harness.make_tls_files(tmp_path)
     overrides = dict(
-        SERVER_OVERRIDES, tls_cert=pki["server"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]
+        SERVER_OVERRIDES, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_cert
     )
     async with harness.running_server(checkpoint, **overrides) as srv:
         async with AsyncLycheeClient(
             srv.address,
-            root_certificates=pki["ca"],
-            client_certificate=pki["client"],
-            client_key=pki["client_key"],
+            root_certificates=pki.ca_cert,
+            client_certificate=pki.client_cert,
+            client_key=pki.client_key,
         ) as client:
             assert len((await client.rerank("q", ["d"])).results) == 1
-        pem = pki["ca"].read_bytes()
+        pem = pki.ca_cert.read_bytes()
         result = await asyncio.to_thread(
             lambda: LycheeClient(
                 srv.address,
                 root_certificates=pem,
-                client_certificate=pki["client"].read_bytes(),
-                client_key=pki["client_key"].read_bytes(),
+                client_certificate=pki.client_cert.read_bytes(),
+                client_key=pki.client_key.read_bytes(),
             ).rerank("q", ["d"])
         )
         assert len(result.results) == 1
         # No client certificate: the handshake fails, which gRPC reports as UNAVAILABLE.
         async with AsyncLycheeClient(
-            srv.address, root_certificates=pki["ca"], retry=RetryPolicy(max_attempts=2), timeout=5
+            srv.address, root_certificates=pki.ca_cert, retry=RetryPolicy(max_attempts=2), timeout=5
         ) as no_cert:
             with pytest.raises(UnavailableError):
                 await no_cert.rerank("q", ["d"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from client_support import noise_image
+from server_support import noise_image
 
 from lychee.rerank.client import (
     AsyncLycheeClient,

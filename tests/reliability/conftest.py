@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import ipaddress
 import json
 import os
 import platform
@@ -31,13 +30,10 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import make_tls_files
 from helpers import encode, pattern
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
@@ -329,92 +325,22 @@ class Pki:
         return self.dir / "ca.pem"
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    usage: x509.ObjectIdentifier | None = None,
-    sans: Sequence[x509.GeneralName] = (),
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, signer = (issuer[0].subject, issuer[1]) if issuer else (name, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
 def make_pki(directory: Path) -> Pki:
     """Generate the PKI at test time: no key material lives in the repository, and every run gets
-    fresh EC P-256 keys valid for one day."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    ca_key, rogue_ca_key = _key(), _key()
-    ca = _cert("lychee-test-ca", ca_key, None)
-    rogue_ca = _cert("lychee-rogue-ca", rogue_ca_key, None)
-    server_key, client_key, rogue_key = _key(), _key(), _key()
-    server = _cert(
-        "lychee-test-server",
-        server_key,
-        (ca, ca_key),
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-    )
-    client = _cert("lychee-test-client", client_key, (ca, ca_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    rogue = _cert(
-        "lychee-rogue-client", rogue_key, (rogue_ca, rogue_ca_key), usage=ExtendedKeyUsageOID.CLIENT_AUTH
-    )
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(server.public_bytes(pem))
-    (directory / "server.key").write_bytes(_pem_key(server_key))
+    fresh EC P-256 keys valid for one day. The "rogue" CA and its client certificate come from a
+    second, independent :func:`harness.make_tls_files` run in a subdirectory."""
+    trusted = make_tls_files(directory)
+    rogue = make_tls_files(directory / "rogue")
     return Pki(
         dir=directory,
-        ca_cert=ca.public_bytes(pem),
-        server_cert=directory / "server.pem",
-        server_key=directory / "server.key",
-        client_cert=client.public_bytes(pem),
-        client_key=_pem_key(client_key),
-        rogue_ca_cert=rogue_ca.public_bytes(pem),
-        rogue_client_cert=rogue.public_bytes(pem),
-        rogue_client_key=_pem_key(rogue_key),
+        ca_cert=trusted.ca_cert.read_bytes(),
+        server_cert=trusted.server_cert,
+        server_key=trusted.server_key,
+        client_cert=trusted.client_cert.read_bytes(),
+        client_key=trusted.client_key.read_bytes(),
+        rogue_ca_cert=rogue.ca_cert.read_bytes(),
+        rogue_client_cert=rogue.client_cert.read_bytes(),
+        rogue_client_key=rogue.client_key.read_bytes(),
     )
 
 

@@ -14,8 +14,6 @@ Images are generated with Pillow at import time (no binary files in the reposito
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path

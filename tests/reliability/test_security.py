@@ -198,6 +198,17 @@ def tls_creds(pki: Any, *, trust: bytes | None = None, cert: tuple[bytes, bytes]
     )
 
 
+async def check_channels(kit: Any, address: str, group: str, cases: dict[str, tuple[Any, str]]) -> bool:
+    """One small Rerank per case over a channel with that case's credentials (None: plaintext),
+    each outcome recorded under ``group``; True when every case got what it expected."""
+    ok = True
+    for name, (creds, expected) in cases.items():
+        async with kit.open_stub(address, creds) as stub:
+            got = await observe(kit, stub.Rerank(small_request(), timeout=5.0))
+        ok &= CASES.check(group, name, expected, got)
+    return ok
+
+
 async def test_tls_only_server(tiny_checkpoint: Path, kit: Any, pki: Any) -> None:
     """A TLS server refuses plaintext clients; clients that trust its CA get through; a client
     trusting another CA refuses the server (no silent downgrade in either direction)."""
@@ -209,11 +220,7 @@ async def test_tls_only_server(tiny_checkpoint: Path, kit: Any, pki: Any) -> Non
             "client trusting the server's CA": (tls_creds(pki), "OK"),
             "client trusting another CA": (tls_creds(pki, trust=pki.rogue_ca_cert), "UNAVAILABLE/-"),
         }
-        ok = True
-        for name, (creds, expected) in cases.items():
-            async with kit.open_stub(srv.address, creds) as stub:
-                got = await observe(kit, stub.Rerank(small_request(), timeout=5.0))
-            ok &= CASES.check("tls", name, expected, got)
+        ok = await check_channels(kit, srv.address, "tls", cases)
     assert ok, CASES.rows[-3:]
 
 
@@ -238,11 +245,7 @@ async def test_mtls_server(tiny_checkpoint: Path, kit: Any, pki: Any) -> None:
                 "OK",
             ),
         }
-        ok = True
-        for name, (creds, expected) in cases.items():
-            async with kit.open_stub(srv.address, creds) as stub:
-                got = await observe(kit, stub.Rerank(small_request(), timeout=5.0))
-            ok &= CASES.check("mtls", name, expected, got)
+        ok = await check_channels(kit, srv.address, "mtls", cases)
     assert ok, CASES.rows[-4:]
 
 
