@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     # --- model / engine -------------------------------------------------------------
     model: str = Field("vec-ai/lychee-rerank-mm", description="Local checkpoint directory or hub id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'...")
+    device: str = Field(
+        "auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'..."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' = bfloat16 on CUDA, float32 on CPU."
     )
@@ -37,7 +39,9 @@ class Settings(BaseSettings):
         False, description="Build the model from its config with random weights (benchmarks only)."
     )
     min_pixels: int = Field(4 * 28 * 28, ge=4 * 28 * 28, description="Processor lower bound on image pixels.")
-    max_pixels: int = Field(1280 * 28 * 28, ge=4 * 28 * 28, description="Processor upper bound on image pixels.")
+    max_pixels: int = Field(
+        1280 * 28 * 28, ge=4 * 28 * 28, description="Processor upper bound on image pixels."
+    )
     vision_cache_entries: int = Field(
         2048, ge=0, description="Vision-tower outputs kept, keyed by image content hash (0 = off)."
     )
@@ -63,7 +67,9 @@ class Settings(BaseSettings):
     )
     max_chunk_bytes: int = Field(256 * KiB, ge=1, le=256 * KiB, description="Largest stream chunk.")
     max_length: int = Field(8192, ge=64, description="Upper bound a request may ask for as max_length.")
-    default_max_length: int = Field(DEFAULT_MAX_LENGTH, ge=64, description="max_length when a request sets none.")
+    default_max_length: int = Field(
+        DEFAULT_MAX_LENGTH, ge=64, description="max_length when a request sets none."
+    )
 
     # --- scheduler -----------------------------------------------------------------
     batch_token_budget: int = Field(16384, ge=64, description="Tokens per forward batch (padded).")
@@ -79,7 +85,9 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS).")
     tls_key: Path | None = Field(None, description="PEM server private key.")
-    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients must present a cert (mTLS).")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a cert (mTLS)."
+    )
     api_keys: tuple[SecretStr, ...] = Field((), description="Accepted bearer tokens (empty = no auth).")
     api_keys_file: Path | None = Field(None, description="File with one accepted bearer token per line.")
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight calls may finish on SIGTERM.")

@@ -24,6 +24,7 @@ back on a sender faster than the validation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 import uuid
@@ -117,10 +118,8 @@ async def _discard_rest(request_iterator: AsyncIterator[Any]) -> None:
             if seen > _DISCARD_MAX_BYTES:
                 return
 
-    try:
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
         await asyncio.wait_for(drain(), timeout=_DISCARD_MAX_SECONDS)
-    except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass
 
 
 def _check_modalities(job: RerankJob, info: EngineInfo) -> None:

@@ -4,10 +4,11 @@ Why: the HF image processor is generic (grouping by shape, kwargs validation, a 
 whole resized image for the normalisation, then a second copy that duplicates every patch along the
 temporal axis because a still image is fed to a video patch embedding). For a 1080p document that is
 ~25 MB written per image on the CPU worker threads. Here the resize is the very same torchvision call,
-the patchify permutes the *uint8* image (1 byte per value) and the normalisation is a 256-entry
-lookup table per channel computed with the processor's own float32 formula, so the values are
-bit-identical to the processor's; the temporal duplicate is never materialised (the vision tower sums
-the two temporal slices of its patch-embedding kernel instead, see ``engine.vision``).
+the patchify permutes the *uint8* image (1 byte per value) and the normalisation then runs once on
+the patch matrix with the processor's own float32 operations, so the values are bit-identical to the
+processor's; the temporal duplicate is never materialised (the vision tower sums the two temporal
+slices of its patch-embedding kernel instead, see ``engine.vision``), which halves the memory a
+prepared image holds until it is scored (and its host-to-device copy).
 
 Exactness is not assumed: :meth:`FastImagePreprocessor.self_check` compares against the installed HF
 processor at engine start-up (transformers versions differ in their processors) and the engine falls
@@ -63,18 +64,17 @@ class FastImagePreprocessor:
         mean = torch.tensor(processor.image_mean, dtype=torch.float32)
         std = torch.tensor(processor.image_std, dtype=torch.float32)
         factor = float(processor.rescale_factor)
-        # The processor fuses rescale into normalize: (x - mean / factor) / (std / factor) in float32.
-        levels = torch.arange(256, dtype=torch.float32)[None, :].expand(3, -1)
-        if processor.do_rescale and processor.do_normalize:
-            lut = (levels - (mean * (1.0 / factor))[:, None]) / (std * (1.0 / factor))[:, None]
-        elif processor.do_normalize:
-            lut = (levels - mean[:, None]) / std[:, None]
+        # The processor's own float32 arithmetic, per channel: with rescale + normalize it fuses them
+        # into (x - mean / factor) / (std / factor); rescale alone is x * factor.
+        self._sub: torch.Tensor | None = None
+        self._div: torch.Tensor | None = None
+        self._mul: float | None = None
+        if processor.do_normalize:
+            if processor.do_rescale:
+                mean, std = mean * (1.0 / factor), std * (1.0 / factor)
+            self._sub, self._div = mean.view(1, 3, 1), std.view(1, 3, 1)
         elif processor.do_rescale:
-            lut = levels * factor
-        else:
-            lut = levels.clone()
-        self.lut = lut.contiguous().view(-1)  # (3 * 256,) float32, indexed by channel * 256 + level
-        self._channel_offset = (torch.arange(3, dtype=torch.long) * 256).view(1, 3, 1)
+            self._mul = factor
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.patch * self.merge
@@ -108,9 +108,11 @@ class FastImagePreprocessor:
         u8 = np.ascontiguousarray(
             arr.numpy().reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
         ).reshape(gh * gw, 3, p * p)
-        # One gather through the (channel, level) table writes the final float32 values.
-        idx = torch.from_numpy(u8).long().add_(self._channel_offset)
-        out = torch.take(self.lut, idx)
+        out = torch.from_numpy(u8).to(torch.float32)
+        if self._sub is not None and self._div is not None:
+            out.sub_(self._sub).div_(self._div)
+        elif self._mul is not None:
+            out.mul_(self._mul)
         return out.view(gh * gw, 3 * p * p), (1, gh, gw)
 
     def self_check(self, processor: Any) -> bool:

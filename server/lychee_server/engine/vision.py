@@ -41,7 +41,7 @@ class VisionPlan:
     positions: torch.Tensor  # (N, 2) (row, col) rotary positions in run order
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _cached_plan(
     grids: tuple[tuple[int, int, int], ...], merge: int, window: int, device: torch.device
 ) -> VisionPlan:
