@@ -29,6 +29,8 @@ async def test_example_end_to_end(adapter_server: Any) -> None:
     assert out.count("Question: ") == 4 and "(async path)" in out
     assert out.count("score=") == 4 * 8
     assert "id=fig-tickets" in out and "id=fig-vpn" in out  # figures flow through the chain
+    # The tiny checkpoint declares its weights random; the example must say so plainly.
+    assert "random-weight test checkpoint" in out
 
 
 async def test_example_fails_loudly_without_a_server() -> None:

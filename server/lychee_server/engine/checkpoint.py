@@ -162,6 +162,9 @@ def _config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
     }
 
 
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
+
+
 def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint to ``path`` (created) and return it.
 
@@ -230,6 +233,9 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    # Declares the weights random, so a server loading this directory reports random_weights and
+    # clients (the knowledge-base example) can say that its scores carry no meaning.
+    (out / RANDOM_WEIGHTS_MARKER).write_text("random weights: a test checkpoint; scores carry no meaning\n")
     # Round-trip check: the processor must load from the directory like the real one.
     AutoProcessor.from_pretrained(out)
     return out

@@ -91,6 +91,7 @@ class LoadedModel:
     attn_implementation: str
     model_id: str
     revision: str
+    random_weights: bool = False
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -216,4 +217,6 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         attn_implementation=attn,
         model_id=source if shape is None else f"random:{shape}",
         revision=revision or "",
+        # A test checkpoint declares itself random with a marker file (engine.checkpoint).
+        random_weights=settings.random_weights or (Path(source) / "RANDOM_WEIGHTS").is_file(),
     )

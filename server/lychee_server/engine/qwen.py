@@ -209,7 +209,7 @@ class QwenRerankEngine:
             document_modalities=frozenset({Modality.TEXT, Modality.IMAGE}),
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
-            random_weights=settings.random_weights,
+            random_weights=loaded.random_weights,
         )
 
     @classmethod
