@@ -20,7 +20,20 @@ from lychee_server.domain import Content
 from lychee_server.engine.qwen import QwenRerankEngine
 from lychee_server.settings import Settings
 
-WORDS = "refund policy travel expense laptop password office holiday invoice badge vpn printer".split()
+WORDS = [
+    "refund",
+    "policy",
+    "travel",
+    "expense",
+    "laptop",
+    "password",
+    "office",
+    "holiday",
+    "invoice",
+    "badge",
+    "vpn",
+    "printer",
+]
 
 
 MAX_BF16_DEVIATION = 0.08  # logits
