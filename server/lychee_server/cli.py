@@ -9,6 +9,7 @@ frozen Settings object is the only configuration any part of the server sees.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -72,7 +73,18 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     return Settings(**given)
 
 
+def _quiet_transformers() -> None:
+    """Keep transformers' load-time chatter (progress bars, config notices) off the terminal.
+
+    Set before transformers is imported; an operator's own TRANSFORMERS_VERBOSITY wins.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def _cmd_serve(ns: argparse.Namespace) -> int:
+    _quiet_transformers()
     from lychee_server.app import run_server
 
     return run_server(settings_from_args(ns))
@@ -91,6 +103,7 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def _cmd_rank(ns: argparse.Namespace) -> int:
+    _quiet_transformers()
     from lychee_server.rank import run_rank
 
     return run_rank(ns)

@@ -86,7 +86,7 @@ def load(path: Path) -> FileDoc:
 ScoreFn = Callable[[Sequence[FileDoc]], list[float]]
 
 
-def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None]]:
+def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
     import os
 
     from lychee.rerank.client import Doc, LycheeClient, Query
@@ -110,10 +110,10 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None]]
             out[r.index] = r.score
         return out
 
-    return score, client.close
+    return score, client.close, client.server_info().random_weights
 
 
-def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None]]:
+def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
     from lychee_server.domain import DEFAULT_INSTRUCTION, Content, Document, ImageInput, MediaType, RerankJob
     from lychee_server.engine import load_engine
     from lychee_server.scheduler import Scheduler
@@ -150,7 +150,7 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
         loop.run_until_complete(scheduler.stop())
         loop.close()
 
-    return score, close
+    return score, close, engine.info.random_weights
 
 
 def rank_files(docs: Sequence[FileDoc], score: ScoreFn, batch_size: int, progress: bool) -> list[Ranked]:
@@ -167,7 +167,12 @@ def rank_files(docs: Sequence[FileDoc], score: ScoreFn, batch_size: int, progres
     return [Ranked(rank + 1, scores[i], docs[i].path) for rank, i in enumerate(order)]
 
 
-def render(ranked: Sequence[Ranked], as_json: bool) -> None:
+RANDOM_NOTE = "the model has random weights (a test checkpoint): these scores carry no meaning"
+
+
+def render(ranked: Sequence[Ranked], as_json: bool, random_weights: bool = False) -> None:
+    if random_weights:
+        print(f"lychee-rerank rank: note: {RANDOM_NOTE}", file=sys.stderr)
     if as_json:
         rows = [{"rank": r.rank, "score": r.score, "path": str(r.path)} for r in ranked]
         print(json.dumps(rows, indent=2))
@@ -198,12 +203,12 @@ def run_rank(ns: argparse.Namespace) -> int:
         print("lychee-rerank rank: no image or text files found", file=sys.stderr)
         return 2
     docs = [load(p) for p in paths]
-    score, close = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
+    score, close, random_weights = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
     try:
         ranked = rank_files(docs, score, max(1, ns.batch_size), progress=not ns.json and sys.stderr.isatty())
     finally:
         close()
     if ns.top_n is not None:
         ranked = ranked[: ns.top_n]
-    render(ranked, ns.json)
+    render(ranked, ns.json, random_weights)
     return 0
