@@ -221,7 +221,11 @@ class RerankService(pb_grpc.RerankServiceServicer):
                 assembler.feed(_decode_stream_message(raw, index))
                 index += 1
             job = assembler.finish()
-        except errors.LycheeError:
+        except errors.LycheeError as err:
+            if context.cancelled():
+                # The caller went away mid-upload: the stream "ended early" because of that,
+                # not because of bad input — report (and count) it as a cancellation.
+                raise errors.Cancelled("the caller cancelled the call during the upload") from err
             await _discard_rest(request_iterator)
             raise
         result = await self._score(job, context, call)
