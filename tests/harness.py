@@ -356,15 +356,10 @@ class SubprocessServer:
         return f"127.0.0.1:{self.port}"
 
 
-@contextlib.contextmanager
-def subprocess_server(
-    model: str | Path, *, env: dict[str, str] | None = None, startup_timeout: float = 120.0
-) -> Iterator[SubprocessServer]:
-    """Run ``python -m lychee_server.app`` (config from LYCHEE_* variables) until it is SERVING.
+def spawn_cli_server(model: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``lychee-rerank serve`` (the real CLI) for tests: loopback, port 0, CPU, LYCHEE_* config.
 
-    The server prints one JSON line ``{"event": "serving", "port": N, "metrics_port": M}`` on
-    stdout once healthy; that is how a port-0 server tells us where it listens. The process is
-    killed on exit if the test did not stop it itself.
+    stdout and stderr are merged into one text pipe, which the caller must read.
     """
     full_env = dict(os.environ)
     full_env.update(
@@ -379,7 +374,7 @@ def subprocess_server(
         }
     )
     full_env.update(env or {})
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "lychee_server.cli", "serve"],
         cwd=REPO_ROOT,
         env=full_env,
@@ -387,6 +382,19 @@ def subprocess_server(
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def subprocess_server(
+    model: str | Path, *, env: dict[str, str] | None = None, startup_timeout: float = 120.0
+) -> Iterator[SubprocessServer]:
+    """Run ``python -m lychee_server.app`` (config from LYCHEE_* variables) until it is SERVING.
+
+    The server prints one JSON line ``{"event": "serving", "port": N, "metrics_port": M}`` on
+    stdout once healthy; that is how a port-0 server tells us where it listens. The process is
+    killed on exit if the test did not stop it itself.
+    """
+    proc = spawn_cli_server(model, env)
     lines: list[str] = []
     ready: dict[str, Any] = {}
     found = threading.Event()

@@ -21,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -39,7 +37,14 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness import REPO_ROOT, error_details, fetch_metrics, make_tls_files, metric_value, subprocess_server
+from harness import (
+    error_details,
+    fetch_metrics,
+    make_tls_files,
+    metric_value,
+    spawn_cli_server,
+    subprocess_server,
+)
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
 
@@ -213,28 +218,7 @@ class Spawned:
 @contextlib.contextmanager
 def spawn_server(model: Path, env: dict[str, str]) -> Iterator[Spawned]:
     """Like ``harness.subprocess_server`` but returns at once: the test watches the startup itself."""
-    full_env = dict(os.environ)
-    full_env.update(
-        {
-            "LYCHEE_MODEL": str(model),
-            "LYCHEE_DEVICE": "cpu",
-            "LYCHEE_HOST": "127.0.0.1",
-            "LYCHEE_PORT": "0",
-            "LYCHEE_METRICS_PORT": "0",
-            "LYCHEE_DECODE_THREADS": "1",
-            "LYCHEE_LOG_LEVEL": "INFO",
-            "LYCHEE_LOG_JSON": "true",
-        }
-    )
-    full_env.update(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lychee_server.cli", "serve"],
-        cwd=REPO_ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = spawn_cli_server(model, {"LYCHEE_LOG_JSON": "true", **env})
     spawned = Spawned(proc=proc)
 
     def reader() -> None:
