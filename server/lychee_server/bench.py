@@ -162,14 +162,16 @@ def _run_engine_once(
     t0 = time.perf_counter()
     pq = engine.prepare_query(instruction, query, 3200)
     pairs = list(pool.map(lambda d: engine.prepare_pair(pq, d), docs))
-    fresh_prefix = pq.state is None
     engine.score(pairs)
     _sync(engine.device)
     dt = time.perf_counter() - t0
-    tokens = sum(p.cost_tokens for p in pairs) + (pq.cost_tokens if fresh_prefix else 0)
-    seen = {it.key: it for p in pairs for it in p.images if it.pixel_values is not None}
-    if fresh_prefix:
-        seen.update({it.key: it for it in pq.images if it.pixel_values is not None})
+    # A fresh query: its prefix (and any query image not cached) ran once in this call.
+    tokens = sum(p.cost_tokens for p in pairs) + pq.cost_tokens
+    seen = {
+        it.key: it
+        for it in (*pq.images, *(i for p in pairs for i in p.images))
+        if it.pixel_values is not None
+    }
     patches = sum(it.grid[0] * it.grid[1] * it.grid[2] for it in seen.values())
     engine.release(pq)
     return dt, tokens, patches

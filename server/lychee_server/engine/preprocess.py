@@ -12,7 +12,7 @@ prepared image holds until it is scored (and its host-to-device copy).
 
 Exactness is not assumed: :meth:`FastImagePreprocessor.self_check` compares against the installed HF
 processor at engine start-up (transformers versions differ in their processors) and the engine falls
-back to the HF processor when they disagree; ``tests/engine/test_preprocess.py`` pins it down too.
+back to the HF processor when they disagree; ``tests/engine/test_vision.py`` pins it down too.
 """
 
 from __future__ import annotations

@@ -402,8 +402,10 @@ class QwenRerankEngine:
         sizes = [image_token_count(it.grid, self.merge) for it in items]
         result: dict[str, torch.Tensor] = {}
         for it, emb in zip(items, torch.split(out, sizes), strict=True):
+            # A split is a view that would keep the whole chunk's output alive while the cache
+            # counts only this image's bytes: cache an own copy (kept only if the cache can hold it).
             result[it.key] = emb
-            self.vision_cache.put(it.key, VisionEntry(it.grid, emb))
+            self.vision_cache.put(it.key, VisionEntry(it.grid, emb.clone()))
         return result
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,14 +583,21 @@ class QwenRerankEngine:
 
     @torch.inference_mode()
     def score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
+        oom = ""
         try:
             return self._score(pairs)
         except LycheeError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            raise DeviceOutOfMemory(f"device out of memory scoring {len(pairs)} pairs") from exc
+            oom = str(exc).split("\n", 1)[0]
         except Exception as exc:
             raise InternalError(f"scoring failed: {type(exc).__name__}: {exc}") from exc
+        # Raised here, not chained inside the handler: the OOM's traceback holds the frames of the
+        # failed forward (activations, packed prefixes), and the scheduler retries the split halves
+        # while it still holds our error. Leaving the handler drops them, so the memory is free again.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise DeviceOutOfMemory(f"device out of memory scoring {len(pairs)} pairs ({oom})")
 
     def _score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
         result = [0.0] * len(pairs)
@@ -604,27 +613,35 @@ class QwenRerankEngine:
         # Requests whose pairs fit in one batch are pooled: many small concurrent requests then run
         # as a few full batches (per-row prefixes, see _PackedPrefix) instead of one small forward
         # each, which is what keeps a GPU busy. Larger requests keep their shared-prefix batches.
-        small = [qid for qid, idx in groups.items() if len(self._batches(idx, pairs)) == 1]
+        planned = {qid: self._batches(idx, pairs) for qid, idx in groups.items()}
+        small = [qid for qid, batches in planned.items() if len(batches) == 1]
         pooled = small if len(small) > 1 else []
-        work: list[tuple[int | None, list[int]]] = [
-            (qid, idx) for qid, idx in groups.items() if qid not in pooled
+        work: list[tuple[bool, list[list[int]]]] = [
+            (True, batches) for qid, batches in planned.items() if qid not in pooled
         ]
         if pooled:
-            work.append((-1, [i for qid in pooled for i in groups[qid]]))
+            work.append((True, self._batches([i for qid in pooled for i in groups[qid]], pairs)))
         if fallback:
-            work.append((None, fallback))
-        for qid, idx in work:
-            for batch in self._batches(idx, pairs):
+            work.append((False, self._batches(fallback, pairs)))
+        done: list[int] = []
+        diffs: list[torch.Tensor] = []
+        for reuse, batches in work:
+            for batch in batches:
                 prefix: _PrefixKV | _PackedPrefix | None = None
-                if qid is not None:
+                if reuse:
                     prefix = self._batch_prefix([pairs[i].query for i in batch])
                 rows = [(pairs[i].ids, pairs[i].positions, pairs[i].images) for i in batch]
                 vis = self._vision([it for r in rows for it in r[2]])
                 h, pos, last = self._embed(rows, vis)
                 diff = self._forward(h, pos, last, prefix)
                 assert isinstance(diff, torch.Tensor)
-                for i, d in zip(batch, diff.cpu().tolist(), strict=True):
-                    result[i] = float(d)
+                done.extend(batch)
+                diffs.append(diff)
+        # One device-to-host copy at the end: a copy per batch would wait for that batch's kernels
+        # before the next batch could even be queued.
+        if diffs:
+            for i, d in zip(done, torch.cat(diffs).cpu().tolist(), strict=True):
+                result[i] = float(d)
         return result
 
     def _batch_prefix(self, row_queries: list[QwenPreparedQuery]) -> _PrefixKV | _PackedPrefix:
