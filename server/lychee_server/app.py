@@ -53,6 +53,11 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 """Health is reported for the whole server ("") and for the rerank service by name."""
 
 
+def _host_port(host: str, port: int | None) -> str:
+    """``host:port``, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def server_version() -> str:
     try:
         return importlib_metadata.version("lychee-rerank")
@@ -118,9 +123,7 @@ class LycheeServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.host
-        host = f"[{host}]" if ":" in host else host
-        return f"{host}:{self.port}"
+        return _host_port(self.settings.host, self.port)
 
     @property
     def metrics_url(self) -> str | None:
@@ -128,8 +131,7 @@ class LycheeServer:
 
     def _bind(self) -> int:
         s = self.settings
-        host = f"[{s.host}]" if ":" in s.host else s.host
-        address = f"{host}:{s.port}"
+        address = _host_port(s.host, s.port)
         if s.tls_cert is None or s.tls_key is None:
             port = self.server.add_insecure_port(address)
         else:
@@ -209,9 +211,10 @@ class LycheeServer:
         await self.server.stop(min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0)
         if self.scheduler is not None:
             await self.scheduler.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.close()
-            self._metrics_http = None
+        http, self._metrics_http = self._metrics_http, None
+        if http is not None:
+            # close() waits for the HTTP thread's poll loop (up to 0.5 s): not on the event loop.
+            await asyncio.to_thread(http.close)
         log.info("stopped", extra=log_fields(event="stopped", clean=finished))
 
     async def wait_for_termination(self) -> None:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".json", ".html", ".htm", ".xml", ".log"}
@@ -86,6 +87,14 @@ def load(path: Path) -> FileDoc:
 ScoreFn = Callable[[Sequence[FileDoc]], list[float]]
 
 
+def _scores_in_input_order(results: Iterable[Any], n: int) -> list[float]:
+    """Scores of ranked results (``.index``, ``.score``) back in the order the documents were sent."""
+    out = [0.0] * n
+    for r in results:
+        out[r.index] = r.score
+    return out
+
+
 def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
     import os
 
@@ -105,10 +114,7 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None],
             [Doc(text=d.text, image=d.image) for d in docs],
             instruction=ns.instruction,
         )
-        out = [0.0] * len(docs)
-        for r in result.results:
-            out[r.index] = r.score
-        return out
+        return _scores_in_input_order(result.results, len(docs))
 
     return score, client.close, client.server_info().random_weights
 
@@ -141,10 +147,7 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
             documents=tuple(Document(content(d.text, d.image, d.media_type)) for d in docs),
         )
         result = loop.run_until_complete(scheduler.rerank(job))
-        out = [0.0] * len(docs)
-        for r in result.results:
-            out[r.index] = r.score
-        return out
+        return _scores_in_input_order(result.results, len(docs))
 
     def close() -> None:
         loop.run_until_complete(scheduler.stop())
@@ -153,18 +156,20 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
     return score, close, engine.info.random_weights
 
 
-def rank_files(docs: Sequence[FileDoc], score: ScoreFn, batch_size: int, progress: bool) -> list[Ranked]:
+def rank_files(paths: Sequence[Path], score: ScoreFn, batch_size: int, progress: bool) -> list[Ranked]:
+    """Score ``paths`` in slices of ``batch_size``; each slice's files are read only for its call,
+    so a folder of thousands of photos never sits in memory at once."""
     from rich.progress import Progress
 
     scores: list[float] = []
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("ranking", total=len(docs))
-        for start in range(0, len(docs), batch_size):
-            chunk = docs[start : start + batch_size]
+        task = bar.add_task("ranking", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            chunk = [load(p) for p in paths[start : start + batch_size]]
             scores.extend(score(chunk))
             bar.advance(task, len(chunk))
-    order = sorted(range(len(docs)), key=lambda i: (-scores[i], i))
-    return [Ranked(rank + 1, scores[i], docs[i].path) for rank, i in enumerate(order)]
+    order = sorted(range(len(paths)), key=lambda i: (-scores[i], i))
+    return [Ranked(rank + 1, scores[i], paths[i]) for rank, i in enumerate(order)]
 
 
 RANDOM_NOTE = "the model has random weights (a test checkpoint): these scores carry no meaning"
@@ -202,10 +207,9 @@ def run_rank(ns: argparse.Namespace) -> int:
     if not paths:
         print("lychee-rerank rank: no image or text files found", file=sys.stderr)
         return 2
-    docs = [load(p) for p in paths]
     score, close, random_weights = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
     try:
-        ranked = rank_files(docs, score, max(1, ns.batch_size), progress=not ns.json and sys.stderr.isatty())
+        ranked = rank_files(paths, score, max(1, ns.batch_size), progress=not ns.json and sys.stderr.isatty())
     finally:
         close()
     if ns.top_n is not None:

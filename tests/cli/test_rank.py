@@ -90,3 +90,31 @@ def test_rank_reports_missing_inputs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "no such file" in proc.stderr
+
+
+def test_rank_files_reads_each_slice_only_when_it_is_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lychee_server import rank
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.txt"
+        path.write_text(f"document {i}")
+        paths.append(path)
+    events: list[str] = []
+    real_load = rank.load
+
+    def load(path: Path) -> rank.FileDoc:
+        events.append(f"load {path.stem}")
+        return real_load(path)
+
+    def score(docs: list[rank.FileDoc]) -> list[float]:
+        events.append("score")
+        return [float(d.path.stem) for d in docs]
+
+    monkeypatch.setattr(rank, "load", load)
+    ranked = rank.rank_files(paths, score, batch_size=2, progress=False)
+    assert events == ["load 0", "load 1", "score", "load 2", "load 3", "score", "load 4", "score"]
+    assert [r.path.stem for r in ranked] == ["4", "3", "2", "1", "0"]
+    assert [r.rank for r in ranked] == [1, 2, 3, 4, 5]

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -360,3 +364,79 @@ async def test_fieldless_image_error_points_at_the_image() -> None:
             await asyncio.wait_for(sched.rerank(make_job("1", "2", images={1})), WAIT)
         assert [v.field for v in info.value.violations] == ["documents[1].image"]
         assert info.value.reason == "IMAGE_DECODE_FAILED"
+
+
+class _HeldPrepEngine(FakeEngine):  # type: ignore[misc]  # harness is not on mypy_path
+    """Preparing the document "held" waits for ``release_prep``; every pair is tracked weakly."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.release_prep = threading.Event()
+        self.pair_refs: dict[str, weakref.ref[Any]] = {}
+
+    def prepare_pair(self, query: Any, document: Content) -> Any:
+        if document.text == "held" and not self.release_prep.wait(WAIT):
+            raise RuntimeError("test never released the preparation")
+        pair = super().prepare_pair(query, document)
+        self.pair_refs[document.text or ""] = weakref.ref(pair)
+        return pair
+
+
+async def test_scored_pairs_are_freed_before_the_request_finishes() -> None:
+    # A prepared pair can hold megabytes (decoded image patches): once scored, the scheduler must
+    # not keep it alive until the request's last pair is done.
+    engine = _HeldPrepEngine(prefix_tokens=2)
+    async with running(engine, max_batch_pairs=1) as sched:
+        task = asyncio.create_task(sched.rerank(make_job("1.5", "held", max_length=3, images={0})))
+        await eventually(lambda: sample(sched, "lychee_pairs_scored_total") == 1, WAIT, "first pair scored")
+        gc.collect()
+        assert engine.pair_refs["1.5"]() is None, "a scored pair is still referenced"
+        assert not task.done()
+        engine.release_prep.set()
+        result = await asyncio.wait_for(task, WAIT)
+    # What the answer needed from the freed pair survived it.
+    assert [(r.index, r.truncated) for r in result.results] == [(0, False), (1, True)]
+    assert result.usage.tokens == (3 + 2) + (3 + 2)
+    assert result.usage.images == 1
+    assert result.usage.truncated_documents == 1
+
+
+async def test_a_failed_batch_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine(fail_when=["boom"])
+    async with running(engine, max_batch_pairs=8) as sched:
+        held = await hold_device(engine, sched)
+        a = asyncio.create_task(sched.rerank(make_job("boom", "1", "2")))
+        b = asyncio.create_task(sched.rerank(make_job("3", "4")))
+        await eventually(lambda: sched.queue_depth == 5, WAIT, "both queued")
+        with caplog.at_level(logging.ERROR, logger="lychee_server.scheduler.core"):
+            engine.gate.open()
+            done = await asyncio.wait_for(asyncio.gather(held, a, b, return_exceptions=True), WAIT)
+        assert await sched.wait_idle(WAIT)
+    assert all(isinstance(r, errors.InternalError) for r in done[1:])
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]  # not one per pair or request
+
+
+async def test_a_failure_while_answering_still_retires_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine()
+    async with running(engine, max_batch_pairs=8) as sched:
+        held = await hold_device(engine, sched)
+        a = asyncio.create_task(sched.rerank(make_job("1")))
+        b = asyncio.create_task(sched.rerank(make_job("2")))
+        await eventually(lambda: sched.queue_depth == 2, WAIT, "both queued")
+        finish = sched._finish
+        calls = 0
+
+        def flaky_finish(req: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the first request of the shared batch
+                raise RuntimeError("bug while answering")
+            finish(req)
+
+        monkeypatch.setattr(sched, "_finish", flaky_finish)
+        engine.gate.open()
+        await asyncio.wait_for(asyncio.gather(held, a, b, return_exceptions=True), WAIT)
+        # Whatever each caller got, nothing may stay admitted (capacity) or unreleased.
+        assert await sched.wait_idle(WAIT), f"{sched.inflight_pairs} pairs never retired"
+    assert len(engine.released) == 3

@@ -44,6 +44,7 @@ import concurrent.futures as cf
 import contextlib
 import enum
 import functools
+import itertools
 import logging
 import math
 import time
@@ -91,7 +92,11 @@ class _Request:
     on_device: int = 0  # batches on the device carrying this request's pairs
     queued: int = 0  # prepared pairs waiting in the device queue
     scores: list[float] = field(default_factory=list)
-    pairs: list[PreparedPair | None] = field(default_factory=list)
+    # What the answer needs from each prepared pair, kept instead of the pair itself: a pair can
+    # hold megabytes (decoded image patches) and must be freed once it has been scored.
+    truncated: list[bool] = field(default_factory=list)
+    tokens: int = 0
+    images: int = 0
     first_dispatch: float | None = None
     prep_seconds: float = 0.0
     infer_seconds: float = 0.0
@@ -244,7 +249,7 @@ class Scheduler:
             undelivered=n,
             remaining=n,
             scores=[math.nan] * n,
-            pairs=[None] * n,
+            truncated=[False] * n,
         )
         self._requests.add(req)
         self._inflight_pairs += n
@@ -314,7 +319,9 @@ class Scheduler:
                 pair, seconds = fut.result()
                 req.prep_seconds += seconds
                 self.metrics.preprocess_seconds.labels("pair").observe(seconds)
-                req.pairs[index] = pair
+                req.truncated[index] = bool(pair.truncated)
+                req.tokens += pair.total_tokens
+                req.images += pair.num_images
                 req.undelivered -= 1
                 self._preparing -= 1
                 self._queue.append(_Item(req, index, pair, time.monotonic()))
@@ -399,26 +406,24 @@ class Scheduler:
         order = sorted(range(req.n), key=lambda i: (_sort_key(values[i]), i))
         if job.options.top_n is not None:
             order = order[: job.options.top_n]
-        pairs = [p for p in req.pairs if p is not None]
         results = []
         for i in order:
             doc = job.documents[i]
-            pair = req.pairs[i]
             results.append(
                 RankedDocument(
                     index=i,
                     score=values[i],
                     id=doc.id,
                     text=doc.content.text if job.options.return_text else None,
-                    truncated=bool(pair is not None and pair.truncated),
+                    truncated=req.truncated[i],
                 )
             )
         query_images = req.pq.num_images if req.pq is not None else 0
         usage = Usage(
             pairs=req.n,
-            tokens=sum(p.total_tokens for p in pairs),
-            images=query_images + sum(p.num_images for p in pairs),
-            truncated_documents=sum(1 for p in pairs if p.truncated),
+            tokens=req.tokens,
+            images=query_images + req.images,
+            truncated_documents=sum(req.truncated),
         )
         now = time.monotonic()
         first = req.first_dispatch if req.first_dispatch is not None else now
@@ -448,7 +453,6 @@ class Scheduler:
 
     async def _next_batch(self) -> tuple[list[_Item], int]:
         while True:
-            self._expire_deadlines()
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -456,6 +460,8 @@ class Scheduler:
             count, tokens, full = self._plan_batch()
             remaining = self._queue[0].ready + self._max_wait - time.monotonic()
             if full or self._preparing == 0 or remaining <= 0:
+                if self._expire_deadlines(count):
+                    continue  # their pairs left the queue: plan again
                 batch = [self._queue.popleft() for _ in range(count)]
                 for item in batch:
                     item.req.queued -= 1
@@ -471,26 +477,37 @@ class Scheduler:
         count = 0
         max_cost = 0
         prefix = 0
-        seen: set[int] = set()
+        seen: set[_Request] = set()
         for item in self._queue:
             if count == self._max_pairs:
                 return count, count * max_cost + prefix, True
             cost = max(max_cost, item.pair.cost_tokens)
-            extra = 0 if id(item.req) in seen else item.pair.query.cost_tokens
+            extra = 0 if item.req in seen else item.pair.query.cost_tokens
             estimate = (count + 1) * cost + prefix + extra
             if count > 0 and estimate > self._budget:
                 return count, count * max_cost + prefix, True
-            seen.add(id(item.req))
+            seen.add(item.req)
             count += 1
             max_cost = cost
             prefix += extra
         return count, count * max_cost + prefix, count >= self._max_pairs
 
-    def _expire_deadlines(self) -> None:
+    def _expire_deadlines(self, count: int) -> bool:
+        """Fail the requests among the next ``count`` queued pairs whose deadline has passed.
+
+        Each waiter in :meth:`rerank` already times out on its own; this only closes the gap
+        where the batch would leave before that timer ran. It looks at the batch about to be
+        dispatched, not at every admitted request, so it costs O(batch), not O(requests).
+        """
         now = time.monotonic()
-        for req in list(self._requests):
-            if not req.done and req.deadline is not None and req.deadline <= now:
-                self._fail(req, errors.DeadlineExceeded("the deadline expired while the request was queued"))
+        expired = {
+            item.req
+            for item in itertools.islice(self._queue, count)
+            if item.req.deadline is not None and item.req.deadline <= now
+        }
+        for req in expired:
+            self._fail(req, errors.DeadlineExceeded("the deadline expired while the request was queued"))
+        return bool(expired)
 
     async def _run_batch(self, batch: list[_Item], tokens: int) -> None:
         assert self._loop is not None and self._device_pool is not None
@@ -514,12 +531,14 @@ class Scheduler:
                 reqs = set()
                 raise
             except Exception as exc:  # the executor itself failed (shut down)
+                log.error("the device executor failed", exc_info=exc)
                 outcomes, seconds = [exc] * len(pairs), time.monotonic() - start
             self.metrics.inference_seconds.observe(seconds)
             scored = 0
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
-                    self._fail(item.req, self._device_error(outcome))
+                    if not item.req.done:  # one error per request, not one per failed pair
+                        self._fail(item.req, self._device_error(outcome))
                     continue
                 scored += 1
                 if not item.req.done:
@@ -527,9 +546,12 @@ class Scheduler:
                     item.req.remaining -= 1
             self.metrics.pairs_scored.inc(scored)
         finally:
+            # Every request leaves the device first, so that should answering one of them fail,
+            # the batch loop's fallback can still fail and retire all of them.
             for req in reqs:
                 req.infer_seconds += seconds
                 req.on_device -= 1
+            for req in reqs:
                 if not req.done and req.remaining == 0:
                     self._finish(req)
                 self._maybe_retire(req)
@@ -553,10 +575,13 @@ class Scheduler:
             half = len(pairs) // 2
             return self._score_split(pairs[:half]) + self._score_split(pairs[half:])
         except Exception as exc:
+            # Logged here, once per failed engine call (not once per pair or per request).
+            log.error("scoring a batch of %d pairs failed", len(pairs), exc_info=exc)
             return [exc] * len(pairs)
 
     @staticmethod
     def _device_error(exc: BaseException) -> errors.LycheeError:
+        """The caller's error for a device failure (the failure itself is logged where it happens)."""
         if isinstance(exc, errors.DeviceOutOfMemory):
             err: errors.LycheeError = errors.DeviceOutOfMemory(
                 "the device ran out of memory even on a single pair; lower max_length or image sizes"
@@ -564,7 +589,6 @@ class Scheduler:
         elif isinstance(exc, errors.LycheeError):
             return exc
         else:
-            log.error("scoring a batch failed", exc_info=exc)
             err = errors.InternalError("scoring failed (server fault; see the server log)")
         err.__cause__ = exc
         return err
