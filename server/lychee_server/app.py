@@ -92,6 +92,7 @@ class LycheeServer:
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.engine: Engine | None = engine
+        self._owns_engine = engine is None  # loaded by start(), so closed by stop()
         self.metrics = Metrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -211,6 +212,9 @@ class LycheeServer:
         await self.server.stop(min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0)
         if self.scheduler is not None:
             await self.scheduler.stop()
+        close = getattr(self.engine, "close", None) if self._owns_engine else None
+        if callable(close):  # the engine's image-decode thread pool
+            await asyncio.to_thread(close)
         http, self._metrics_http = self._metrics_http, None
         if http is not None:
             # close() waits for the HTTP thread's poll loop (up to 0.5 s): not on the event loop.

@@ -23,6 +23,7 @@ import grpc.aio
 
 from lychee_server import errors
 from lychee_server.edge.status import to_status
+from lychee_server.edge.stream import discard_rest
 from lychee_server.metrics import Metrics
 
 __all__ = ["OPEN_METHOD_PREFIXES", "BearerAuthInterceptor"]
@@ -87,11 +88,19 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         return _rejecting(handler, errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'"))
 
 
+_UNAUTHENTICATED_DISCARD_BYTES = 256 * 1024
+
+
 def _rejecting(handler: _Handler, err: errors.LycheeError) -> _Handler:
     """A handler of the same shape as ``handler`` that aborts with ``err`` without reading input."""
     status = to_status(err)
 
-    async def reject(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def reject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if handler.request_streaming:
+            # A little of what the caller is still sending is read first, so that grpcio aio
+            # clients see UNAUTHENTICATED instead of a local "Internal error from Core"
+            # (grpc/grpc#36066). Kept small: the caller is not authenticated.
+            await discard_rest(request, max_bytes=_UNAUTHENTICATED_DISCARD_BYTES, max_seconds=0.5)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     kwargs: dict[str, Any] = {

@@ -24,7 +24,6 @@ back on a sender faster than the validation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import time
 import uuid
@@ -42,7 +41,7 @@ from lychee_server import errors
 from lychee_server.domain import EngineInfo, Modality, RerankJob
 from lychee_server.edge import codec
 from lychee_server.edge.status import status_for_exception
-from lychee_server.edge.stream import StreamAssembler
+from lychee_server.edge.stream import StreamAssembler, discard_rest
 from lychee_server.logs import log_fields, rpc_logger
 from lychee_server.metrics import Metrics
 from lychee_server.scheduler import Scheduler
@@ -99,27 +98,6 @@ def _decode_stream_message(data: bytes | pb.RerankStreamRequest, index: int) -> 
 # How much of a rejected stream is still read (and thrown away) before the error is sent.
 _DISCARD_MAX_BYTES = 8 * 1024 * 1024
 _DISCARD_MAX_SECONDS = 2.0
-
-
-async def _discard_rest(request_iterator: AsyncIterator[Any]) -> None:
-    """Read what the client is still sending (bounded) before answering with an error.
-
-    Ending a client stream while the caller is mid-write makes some clients (grpcio's aio
-    client: grpc/grpc#36066) report a local INTERNAL "Internal error from Core" instead of our
-    status, so the precise error would be lost. Reading on until the caller half-closes, within
-    a few MiB and seconds, lets it see the real status; a caller that keeps sending past that is
-    cut off anyway. Nothing read here is buffered or processed.
-    """
-
-    async def drain() -> None:
-        seen = 0
-        async for raw in request_iterator:
-            seen += len(raw) if isinstance(raw, bytes) else raw.ByteSize()
-            if seen > _DISCARD_MAX_BYTES:
-                return
-
-    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        await asyncio.wait_for(drain(), timeout=_DISCARD_MAX_SECONDS)
 
 
 def _check_modalities(job: RerankJob, info: EngineInfo) -> None:
@@ -226,7 +204,9 @@ class RerankService(pb_grpc.RerankServiceServicer):
                 # The caller went away mid-upload: the stream "ended early" because of that,
                 # not because of bad input — report (and count) it as a cancellation.
                 raise errors.Cancelled("the caller cancelled the call during the upload") from err
-            await _discard_rest(request_iterator)
+            await discard_rest(
+                request_iterator, max_bytes=_DISCARD_MAX_BYTES, max_seconds=_DISCARD_MAX_SECONDS
+            )
             raise
         result = await self._score(job, context, call)
         return codec.result_to_stream_pb(

@@ -27,9 +27,13 @@ parsers, so the two RPCs cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import grpc.aio
 
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
@@ -260,3 +264,24 @@ def assemble(
     for msg in messages:
         asm.feed(msg)
     return asm.finish()
+
+
+async def discard_rest(request_iterator: AsyncIterator[Any], *, max_bytes: int, max_seconds: float) -> None:
+    """Read what the client is still sending (bounded) before answering a stream with an error.
+
+    Ending a client stream while the caller is mid-write makes some clients (grpcio's aio
+    client: grpc/grpc#36066) report a local INTERNAL "Internal error from Core" instead of our
+    status, so the precise error would be lost. Reading on until the caller half-closes, within
+    ``max_bytes`` and ``max_seconds``, lets it see the real status; a caller that keeps sending
+    past that is cut off anyway. Nothing read here is buffered or processed.
+    """
+
+    async def drain() -> None:
+        seen = 0
+        async for raw in request_iterator:
+            seen += len(raw) if isinstance(raw, bytes) else raw.ByteSize()
+            if seen > max_bytes:
+                return
+
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        await asyncio.wait_for(drain(), timeout=max_seconds)
