@@ -26,10 +26,11 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata as importlib_metadata
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -170,10 +171,10 @@ class LycheeServer:
         if engine is None:
             from lychee_server.engine import load_engine
 
-            loaded: Any = await asyncio.to_thread(load_engine, self.settings)
+            loaded: Any = await _in_daemon_thread(load_engine, self.settings)
             engine = self.engine = cast(Engine, loaded)
         if self.settings.warmup:
-            await asyncio.to_thread(engine.warmup)
+            await _in_daemon_thread(engine.warmup)
         source = _device_memory_source(engine)
         if source is not None:
             self.metrics.set_device_memory_source(source)
@@ -223,6 +224,39 @@ class LycheeServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+_T = TypeVar("_T")
+
+
+async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run a long start-up step (model load, warm-up) on a daemon thread.
+
+    ``asyncio.to_thread`` threads are joined at interpreter exit, so a SIGTERM during a
+    minutes-long load would wait for the load to finish (and an orchestrator would SIGKILL).
+    A daemon thread lets the process exit at once; the abandoned step's result is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():  # the awaiting task was cancelled (stop during start-up)
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as exc:
+            outcome = (False, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=f"lychee-{getattr(fn, '__name__', 'start')}", daemon=True).start()
+    return await fut
 
 
 def build_server(settings: Settings, engine: Engine | None = None) -> LycheeServer:
