@@ -10,7 +10,11 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-.venv/bin/python -m pip install -q -e ".[server,langchain,dev]"
+# Pinned to the versions the suite was last green with, so CI does not change under our feet
+# (not with a TORCH_SPEC of your own: the pins include this torch's CUDA wheels).
+pins=(-c scripts/constraints.txt)
+[ -z "${TORCH_SPEC:-}" ] || pins=()
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[server,langchain,dev]"
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
 else
