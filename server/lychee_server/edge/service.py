@@ -24,6 +24,7 @@ back on a sender faster than the validation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 import uuid
@@ -98,6 +99,8 @@ def _decode_stream_message(data: bytes | pb.RerankStreamRequest, index: int) -> 
 # How much of a rejected stream is still read (and thrown away) before the error is sent.
 _DISCARD_MAX_BYTES = 8 * 1024 * 1024
 _DISCARD_MAX_SECONDS = 2.0
+# How long a stream that ended incomplete waits to learn whether its caller cancelled.
+_CANCEL_SETTLE_SECONDS = 0.2
 
 
 def _check_modalities(job: RerankJob, info: EngineInfo) -> None:
@@ -191,6 +194,9 @@ class RerankService(pb_grpc.RerankServiceServicer):
         self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: _Call
     ) -> pb.RerankStreamResponse:
         t0 = time.monotonic()
+        finished = asyncio.Event()
+        context.add_done_callback(lambda _ctx: finished.set())  # type: ignore[arg-type]
+        ended = False
         try:
             self._require_serving()
             assembler = StreamAssembler(self._settings, call.request_id)
@@ -198,8 +204,15 @@ class RerankService(pb_grpc.RerankServiceServicer):
             async for raw in request_iterator:
                 assembler.feed(_decode_stream_message(raw, index))
                 index += 1
+            ended = True
             job = assembler.finish()
         except errors.LycheeError as err:
+            if ended and not context.cancelled():
+                # A caller that cancels mid-upload also ends the request stream; the RPC's end
+                # (the cancellation) may be seen a moment later. Only a stream that ended
+                # incomplete pays this bounded wait; a cancel is then reported as one.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), _CANCEL_SETTLE_SECONDS)
             if context.cancelled():
                 # The caller went away mid-upload: the stream "ended early" because of that,
                 # not because of bad input — report (and count) it as a cancellation.
