@@ -41,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from lychee_server.edge.auth import BearerAuthInterceptor
 from lychee_server.edge.service import SERVICE_NAME, RerankService, add_to_server
 from lychee_server.engine.interface import Engine
+from lychee_server.errors import LycheeError
 from lychee_server.logs import configure_logging, log_fields
 from lychee_server.metrics import Metrics, MetricsHttpServer
 from lychee_server.scheduler import Scheduler
@@ -281,7 +282,12 @@ async def _serve(settings: Settings) -> int:
         return 0
     stopping.cancel()
     if (exc := starting.exception()) is not None:
-        log.error("startup failed", exc_info=exc, extra=log_fields(event="startup_failed"))
+        if isinstance(exc, LycheeError):  # an expected, actionable failure (weights missing, ...)
+            log.error("startup failed: %s", exc.message, extra=log_fields(event="startup_failed"))
+            log.debug("startup failure details", exc_info=exc)
+            print(f"lychee-rerank: {exc.message}", file=sys.stderr, flush=True)
+        else:
+            log.error("startup failed", exc_info=exc, extra=log_fields(event="startup_failed"))
         await server.stop(0)
         return 1
     print(
