@@ -325,6 +325,31 @@ async def running_server(
         await server.stop(grace=0)
 
 
+def text_stream_messages(
+    texts: list[str], *, chunk: int, id_prefix: str = "d", instruction: str | None = None
+) -> list[Any]:
+    """A RerankStream of text documents (query "red bicycle" inline), each text cut into ``chunk``-byte
+    chunks, document ids ``{id_prefix}{i}``."""
+    from lychee.rerank.v1 import rerank_pb2 as pb
+
+    header = pb.StreamHeader(query=pb.Content(text="red bicycle"), document_count=len(texts))
+    if instruction is not None:
+        header.instruction = instruction
+    msgs = [pb.RerankStreamRequest(header=header)]
+    for i, text in enumerate(texts):
+        data = text.encode()
+        msgs.append(pb.RerankStreamRequest(item=pb.ItemStart(id=f"{id_prefix}{i}", text_bytes=len(data))))
+        for start in range(0, len(data), chunk):
+            msgs.append(pb.RerankStreamRequest(chunk=pb.ItemChunk(text=data[start : start + chunk])))
+    return msgs
+
+
+async def aiter_list(items: Sequence[Any]) -> AsyncIterator[Any]:
+    """An async iterator over ``items`` (a request stream for grpc.aio)."""
+    for item in items:
+        yield item
+
+
 def fetch_metrics(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as resp:
         body: bytes = resp.read()

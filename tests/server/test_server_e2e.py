@@ -11,7 +11,16 @@ import grpc.aio
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from harness import GatedEngine, error_details, eventually, fetch_metrics, metric_value, running_server
+from harness import (
+    GatedEngine,
+    aiter_list,
+    error_details,
+    eventually,
+    fetch_metrics,
+    metric_value,
+    running_server,
+    text_stream_messages,
+)
 from helpers import image_input
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
@@ -31,26 +40,7 @@ def text_request(texts: list[str], **options: Any) -> pb.RerankRequest:
 
 
 def stream_messages(texts: list[str], chunk: int = 7) -> list[pb.RerankStreamRequest]:
-    msgs = [
-        pb.RerankStreamRequest(
-            header=pb.StreamHeader(
-                instruction="find matching descriptions",
-                query=pb.Content(text="red bicycle"),
-                document_count=len(texts),
-            )
-        )
-    ]
-    for i, text in enumerate(texts):
-        data = text.encode()
-        msgs.append(pb.RerankStreamRequest(item=pb.ItemStart(id=f"d{i}", text_bytes=len(data))))
-        for start in range(0, len(data), chunk):
-            msgs.append(pb.RerankStreamRequest(chunk=pb.ItemChunk(text=data[start : start + chunk])))
-    return msgs
-
-
-async def aiter_list(msgs: list[pb.RerankStreamRequest]) -> AsyncIterator[pb.RerankStreamRequest]:
-    for m in msgs:
-        yield m
+    return text_stream_messages(texts, chunk=chunk, instruction="find matching descriptions")
 
 
 async def test_unary_stream_info_metrics_and_request_id(gated: GatedEngine) -> None:

@@ -38,12 +38,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from harness import (
+    aiter_list,
     error_details,
     fetch_metrics,
     make_tls_files,
     metric_value,
     spawn_cli_server,
     subprocess_server,
+    text_stream_messages,
 )
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
@@ -91,22 +93,7 @@ def big_request(n: int = N_BIG) -> pb.RerankRequest:
 
 
 def stream_messages(texts: list[str], chunk: int = 5) -> list[pb.RerankStreamRequest]:
-    msgs = [
-        pb.RerankStreamRequest(
-            header=pb.StreamHeader(query=pb.Content(text="red bicycle"), document_count=len(texts))
-        )
-    ]
-    for i, text in enumerate(texts):
-        data = text.encode()
-        msgs.append(pb.RerankStreamRequest(item=pb.ItemStart(id=f"s{i}", text_bytes=len(data))))
-        for start in range(0, len(data), chunk):
-            msgs.append(pb.RerankStreamRequest(chunk=pb.ItemChunk(text=data[start : start + chunk])))
-    return msgs
-
-
-async def aiter_list(msgs: list[pb.RerankStreamRequest]) -> AsyncIterator[pb.RerankStreamRequest]:
-    for m in msgs:
-        yield m
+    return text_stream_messages(texts, chunk=chunk, id_prefix="s")
 
 
 # --------------------------------------------------------------------------- metrics helpers
