@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = ["add_bench_arguments", "naive_logit_diff", "open_engine", "run_bench"]
 
 WORKLOADS = ("a", "b", "c", "d")
 _DESCRIPTIONS = {
@@ -124,7 +124,7 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def _naive_score(engine: Any, instruction: str, query: Any, doc: Any) -> float:
+def naive_logit_diff(engine: Any, instruction: str, query: Any, doc: Any) -> float:
     """The reference loop body: decode, template, processor, full forward, full-vocab logits, softmax."""
     import torch
 
@@ -139,6 +139,35 @@ def _naive_score(engine: Any, instruction: str, query: Any, doc: Any) -> float:
         logits = engine.model(**inputs).logits[0, -1].float()
     p = torch.softmax(torch.stack([logits[engine.no_id], logits[engine.yes_id]]), 0)
     return float(torch.log(p[1]) - torch.log(p[0]))
+
+
+def open_engine(
+    args: argparse.Namespace, batch_token_budget: int, max_batch_pairs: int
+) -> tuple[Any, tempfile.TemporaryDirectory[str] | None]:
+    """The engine ``--model`` / ``--random-weights`` / ``--shape`` / ``--device`` / ``--dtype`` name,
+    warmed up; without ``--model`` the tiny test checkpoint is built in a temporary directory
+    (returned so the caller removes it when done)."""
+    from lychee_server.engine.checkpoint import build_tiny_checkpoint
+    from lychee_server.engine.qwen import QwenRerankEngine
+    from lychee_server.settings import Settings
+
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    model = args.model
+    if model is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lychee-bench-")
+        model = str(build_tiny_checkpoint(Path(tmp.name) / "tiny"))
+    settings = Settings(
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        random_weights=bool(args.random_weights),
+        batch_token_budget=batch_token_budget,
+        max_batch_pairs=max_batch_pairs,
+        warmup=False,
+    )
+    engine = QwenRerankEngine.from_settings(settings, shape=args.shape if args.random_weights else None)
+    engine.warmup()
+    return engine, tmp
 
 
 def _sync(device: Any) -> None:
@@ -198,28 +227,10 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from lychee_server.domain import DEFAULT_INSTRUCTION, Content, ImageInput, MediaType
-    from lychee_server.engine.checkpoint import build_tiny_checkpoint
-    from lychee_server.engine.qwen import QwenRerankEngine
-    from lychee_server.settings import Settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp: tempfile.TemporaryDirectory[str] | None = None
-    model = args.model
-    if model is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lychee-bench-")
-        model = str(build_tiny_checkpoint(Path(tmp.name) / "tiny"))
-    settings = Settings(
-        model=model,
-        device=args.device,
-        dtype=args.dtype,
-        random_weights=bool(args.random_weights),
-        batch_token_budget=args.batch_token_budget,
-        max_batch_pairs=args.max_batch_pairs,
-        warmup=False,
-    )
-    engine = QwenRerankEngine.from_settings(settings, shape=args.shape if args.random_weights else None)
-    engine.warmup()
+    engine, tmp = open_engine(args, args.batch_token_budget, args.max_batch_pairs)
     dev = engine.device
     # Decoder layers only: the embedding table is a lookup and the engine uses 2 rows of lm_head.
     llm_params = _count_params(engine.lm.layers)
@@ -243,7 +254,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "d": (text_query, images),
     }
     rows: list[Row] = []
-    pool = ThreadPoolExecutor(max(1, settings.decode_threads))
+    pool = ThreadPoolExecutor(max(1, engine.settings.decode_threads))
     for w in workloads:
         query, docs = inputs[w]
         engine.vision_cache.clear()
@@ -253,29 +264,43 @@ def run_bench(args: argparse.Namespace) -> int:
             torch.cuda.reset_peak_memory_stats(dev)
         lat: list[float] = []
         toks = patches = 0
-        for _ in range(max(1, args.repeats)):
+        repeats = max(1, args.repeats)
+        n_naive = max(1, min(args.naive_limit, len(docs)))
+        # The naive pairs are spread over the repeats, each slice timed right after an engine run:
+        # on a shared machine whose speed drifts over seconds both sides then see the same conditions
+        # (timing all engine runs first and the naive loop after made the ratio swing by +-25%).
+        slices = [docs[i * n_naive // repeats : (i + 1) * n_naive // repeats] for i in range(repeats)]
+        naive_s = 0.0
+        mem = 0.0
+        # One untimed naive pair first, so the naive loop does not pay lazy initialisation (kernel
+        # selection, allocator growth) that the engine's warm-up already paid.
+        warm_naive = True
+        for r in range(repeats):
             if w != "d":
                 engine.vision_cache.clear()
             dt, toks, patches = _run_engine_once(engine, pool, DEFAULT_INSTRUCTION, query, docs)
             lat.append(dt)
-        # Engine memory first: the naive loop's full-vocabulary logits must not count against it.
-        if dev.type == "cuda":
+            # Engine memory first: the naive loop's full-vocabulary logits must not count against it.
+            if dev.type == "cuda":
+                _sync(dev)
+                mem = max(mem, torch.cuda.max_memory_allocated(dev) / 2**20)
+            if warm_naive:
+                naive_logit_diff(engine, DEFAULT_INSTRUCTION, query, docs[-1])
+                _sync(dev)
+                warm_naive = False
+            t0 = time.perf_counter()
+            for d in slices[r]:
+                naive_logit_diff(engine, DEFAULT_INSTRUCTION, query, d)
             _sync(dev)
-            mem = torch.cuda.max_memory_allocated(dev) / 2**20
+            naive_s += time.perf_counter() - t0
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+        if dev.type == "cuda":
             kind = "cuda max_memory_allocated"
         else:
             mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             kind = "process peak RSS"
-        n_naive = max(1, min(args.naive_limit, len(docs)))
-        # One untimed naive pair first, so the naive loop does not pay lazy initialisation (kernel
-        # selection, allocator growth) that the engine's warm-up already paid.
-        _naive_score(engine, DEFAULT_INSTRUCTION, query, docs[-1])
-        _sync(dev)
-        t0 = time.perf_counter()
-        for d in docs[:n_naive]:
-            _naive_score(engine, DEFAULT_INSTRUCTION, query, d)
-        _sync(dev)
-        naive_per_pair = (time.perf_counter() - t0) / n_naive
+        naive_per_pair = naive_s / n_naive
         p50 = statistics.median(lat)
         if dev.type == "cuda":
             # Dense-matmul estimate (2 FLOPs per parameter per token / patch; attention not counted).
@@ -312,12 +337,13 @@ def run_bench(args: argparse.Namespace) -> int:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": engine.info.model_id
         if not args.random_weights
-        else f"random weights ({args.shape or model})",
+        else f"random weights ({args.shape or engine.info.model_id})",
         "device": str(dev),
         "dtype": engine.info.dtype,
         "torch": torch.__version__,
         "repeats": args.repeats,
-        "naive_note": "naive loop timed on the first --naive-limit pairs and extrapolated per pair",
+        "naive_note": "naive loop timed on --naive-limit pairs, interleaved with the engine runs, "
+        "and extrapolated per pair",
         "rows": [asdict(r) for r in rows],
     }
     text = json.dumps(report, indent=2)

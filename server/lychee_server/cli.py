@@ -1,4 +1,4 @@
-"""``lychee-rerank``: serve, rank, bench, make-test-checkpoint.
+"""``lychee-rerank``: serve, rank, bench, check, make-test-checkpoint.
 
 ``serve`` flags are generated from :class:`lychee_server.settings.Settings`, so every knob is
 both a ``--flag`` and a ``LYCHEE_*`` environment variable, documented once (in the field's
@@ -102,6 +102,13 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return int(run_bench(ns))
 
 
+def _cmd_check(ns: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from lychee_server.check import run_check
+
+    return run_check(ns)
+
+
 def _cmd_rank(ns: argparse.Namespace) -> int:
     _quiet_transformers()
     from lychee_server.rank import run_rank
@@ -146,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    check = sub.add_parser(
+        "check",
+        help="compare the engine's scores with the naive reference recipe on a model",
+        description="Score every query x document modality through the engine and through the naive "
+        "one-pair reference loop; exit 1 if they differ by more than --tolerance.",
+    )
+    from lychee_server.check import add_check_arguments
+
+    add_check_arguments(check)
+    check.set_defaults(func=_cmd_check)
 
     mk = sub.add_parser(
         "make-test-checkpoint",

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import image_input
+from lychee_server.check import kendall_tau
 from lychee_server.domain import Content
 from lychee_server.engine.qwen import QwenRerankEngine
 from lychee_server.settings import Settings
@@ -38,21 +39,6 @@ WORDS = [
 
 MAX_BF16_DEVIATION = 0.08  # logits
 RESOLVED = 2 * MAX_BF16_DEVIATION
-
-
-def _kendall_tau(a: list[float], b: list[float], min_gap: float = 0.0) -> float:
-    """Kendall's tau between two score lists over the pairs whose gap in ``a`` exceeds ``min_gap``."""
-    concordant = discordant = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            if abs(a[i] - a[j]) <= min_gap:
-                continue
-            s = (a[i] - a[j]) * (b[i] - b[j])
-            if s > 0:
-                concordant += 1
-            elif s < 0:
-                discordant += 1
-    return (concordant - discordant) / max(1, concordant + discordant)
 
 
 def _documents() -> list[Content]:
@@ -84,7 +70,7 @@ def test_bf16_ranking_agrees_with_fp32(tiny_checkpoint: Path) -> None:
     bf16 = _scores(tiny_checkpoint, "bfloat16")
     assert len(set(fp32)) == len(fp32), "FP32 scores must be distinct for a meaningful ranking check"
     deviation = max(abs(x - y) for x, y in zip(fp32, bf16, strict=True))
-    raw, tau = _kendall_tau(fp32, bf16), _kendall_tau(fp32, bf16, RESOLVED)
+    raw, tau = kendall_tau(fp32, bf16), kendall_tau(fp32, bf16, RESOLVED)
     print(
         f"BF16 vs FP32 over {len(fp32)} documents: max |dlogit| {deviation:.4f}, "
         f"Kendall tau {raw:.4f} (all pairs), {tau:.4f} (pairs > {RESOLVED} apart)"

@@ -82,6 +82,29 @@ BUILTIN_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+_SPECIAL_TOKEN_KEYS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def _special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config's special-token ids as the tokenizer in use numbers them.
+
+    A built-in shape carries the real checkpoint's ids (``<|image_pad|>`` = 151655); with any other
+    tokenizer (the tiny test one, when no real processor is at hand) the model must look for the ids
+    that tokenizer actually produces, or every image placeholder would go unrecognised.
+    """
+    out: dict[str, int] = {}
+    for key, token in _SPECIAL_TOKEN_KEYS.items():
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            out[key] = tid
+    return out
+
+
 @dataclass
 class LoadedModel:
     model: Any  # Qwen2_5_VLForConditionalGeneration
@@ -152,9 +175,9 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         "(huggingface-cli download vec-ai/lychee-rerank-mm) and set HF_HUB_OFFLINE=1"
     )
     try:
-        processor = AutoProcessor.from_pretrained(
-            source, revision=revision, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels
-        )
+        # Pixel bounds are set on the image processor's ``size`` below, not passed here: kwargs given
+        # to from_pretrained are replayed on every processor call, where transformers 5 deprecates them.
+        processor = AutoProcessor.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{hint} ({type(exc).__name__}: {exc})") from exc
     _set_pixel_bounds(processor, settings.min_pixels, settings.max_pixels)
@@ -168,6 +191,7 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
                 tok_len = len(processor.tokenizer)
                 if tok_len > int(cfg_dict["vocab_size"]):
                     raise ModelLoadError(f"tokenizer of {source!r} ({tok_len}) does not fit shape {shape!r}")
+                cfg_dict.update(_special_token_ids(processor.tokenizer))
                 config = Qwen2_5_VLConfig(**cfg_dict)
             else:
                 cfg_path = Path(source) / "config.json"
