@@ -200,6 +200,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine, tmp = open_engine(args, batch_token_budget=16384, max_batch_pairs=64)
+    info = engine.info  # the model as loaded (--bf16-ranking later swaps in a BF16 engine)
     tolerance = args.tolerance
     if tolerance is None:
         tolerance = 1e-5 if engine.dtype == torch.float32 else 2e-2
@@ -255,15 +256,17 @@ def run_check(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
     worst = max(r.abs_diff_p for r in rows)
-    ok = math.isfinite(worst) and worst <= tolerance
+    exact = math.isfinite(worst) and worst <= tolerance
+    ok = exact
     if ranking is not None:
         ranking["min_tau"] = args.min_tau
-        ok = ok and ranking["min_kendall_tau"] >= args.min_tau
+        ranking["ok"] = ranking["min_kendall_tau"] >= args.min_tau
+        ok = ok and ranking["ok"]
     report = {
-        "model": engine.info.model_id,
-        "random_weights": engine.info.random_weights,
-        "device": str(engine.device),
-        "dtype": engine.info.dtype,
+        "model": info.model_id,
+        "random_weights": info.random_weights,
+        "device": info.device,
+        "dtype": info.dtype,
         "torch": torch.__version__,
         "pairs": len(rows),
         "max_abs_diff_p": worst,
@@ -277,7 +280,7 @@ def run_check(args: argparse.Namespace) -> int:
     }
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    verdict = "OK" if ok else "MISMATCH"
+    verdict = "OK" if exact else "MISMATCH"
     print(
         f"{verdict}: {len(rows)} pairs on {report['model']} ({report['dtype']}, {report['device']}): "
         f"max |p_engine - p_naive| = {worst:.2e} (tolerance {tolerance:.0e}), "
@@ -286,7 +289,8 @@ def run_check(args: argparse.Namespace) -> int:
     )
     if ranking is not None:
         print(
-            f"BF16 vs FP32 ranking: Kendall tau min {ranking['min_kendall_tau']:.4f} over "
+            f"{'OK' if ranking['ok'] else 'BELOW THRESHOLD'}: BF16 vs FP32 ranking: "
+            f"Kendall tau min {ranking['min_kendall_tau']:.4f} over "
             f"{ranking['documents_per_query']} documents per query (threshold {args.min_tau}), "
             f"max |logit gap| {ranking['max_abs_diff_logit']:.3f}"
         )

@@ -50,3 +50,16 @@ def test_builtin_shape_takes_special_token_ids_from_the_tokenizer(
     assert main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["model"] == "random:qwen2.5-vl-3b"
+
+
+def test_check_bf16_ranking_reports_tau_per_query(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    argv = ["check", "--model", str(tiny_checkpoint), "--dtype", "float32", "--bf16-ranking"]
+    # Threshold off: the tiny random model's near-ties make its tau a coin toss (test_bf16_ranking.py).
+    assert main([*argv, "--ranking-docs", "8", "--min-tau", "-1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    ranking = report["bf16_ranking"]
+    assert report["dtype"] == "float32" and ranking["documents_per_query"] == 8
+    assert set(ranking["kendall_tau_per_query"]) == {"text", "image", "text+image"}
+    assert all(-1.0 <= t <= 1.0 for t in ranking["kendall_tau_per_query"].values())
+    assert 0.0 < ranking["max_abs_diff_logit"] < 1.0  # BF16 moved the scores, but not by much
