@@ -239,12 +239,20 @@ def run_check(args: argparse.Namespace) -> int:
             taus = {q: kendall_tau(fp32[q], bf16[q]) for q in queries}
             flat32 = [x for q in queries for x in fp32[q]]
             flat16 = [x for q in queries for x in bf16[q]]
+            dev = max(abs(x - y) for x, y in zip(flat32, flat16, strict=True))
             ranking = {
                 "documents_per_query": len(docs),
                 "kendall_tau_per_query": taus,
                 "min_kendall_tau": min(taus.values()),
-                "max_abs_diff_logit": max(abs(x - y) for x, y in zip(flat32, flat16, strict=True)),
+                "max_abs_diff_logit": dev,
+                # Pairs whose FP32 logits are farther apart than twice the largest BF16 move: the
+                # ones BF16 noise alone cannot swap (near-ties below that are a coin toss).
+                "kendall_tau_resolved_per_query": {
+                    q: kendall_tau(fp32[q], bf16[q], 2 * dev) for q in queries
+                },
                 "fp32_logit_spread": [min(flat32), max(flat32)],
+                "fp32_logits": fp32,
+                "bf16_logits": bf16,
             }
             for q, tau in taus.items():
                 print(
