@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bench_arguments", "naive_logit_diff", "open_engine", "run_bench"]
+__all__ = ["add_bench_arguments", "add_model_arguments", "naive_logit_diff", "open_engine", "run_bench"]
 
 WORKLOADS = ("a", "b", "c", "d")
 _DESCRIPTIONS = {
@@ -40,8 +40,8 @@ _DESCRIPTIONS = {
 }
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the ``bench`` flags on ``parser`` (the CLI owns the sub-command)."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags ``open_engine`` reads (shared by ``bench`` and ``check``)."""
     parser.add_argument(
         "--model", default=None, help="Checkpoint dir or hub id (default: build the tiny test checkpoint)."
     )
@@ -51,6 +51,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=["qwen2.5-vl-7b", "qwen2.5-vl-3b"], default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``bench`` flags on ``parser`` (the CLI owns the sub-command)."""
+    add_model_arguments(parser)
     parser.add_argument("--workloads", default="a,b,c,d", help="Comma-separated subset of a,b,c,d.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repetitions per workload.")
     parser.add_argument(

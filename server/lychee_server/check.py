@@ -31,15 +31,9 @@ __all__ = ["add_check_arguments", "kendall_tau", "run_check"]
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``check`` flags on ``parser`` (the CLI owns the sub-command)."""
-    parser.add_argument(
-        "--model", default=None, help="Checkpoint dir or hub id (default: build the tiny test checkpoint)."
-    )
-    parser.add_argument(
-        "--random-weights", action="store_true", help="Random weights (with --shape: real shapes)."
-    )
-    parser.add_argument("--shape", choices=["qwen2.5-vl-7b", "qwen2.5-vl-3b"], default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    from lychee_server.bench import add_model_arguments
+
+    add_model_arguments(parser)
     parser.add_argument(
         "--tolerance",
         type=float,
