@@ -39,6 +39,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from lychee_server.edge.auth import BearerAuthInterceptor
+from lychee_server.edge.gate import Gate
 from lychee_server.edge.service import SERVICE_NAME, RerankService, add_to_server
 from lychee_server.engine.interface import Engine
 from lychee_server.errors import LycheeError
@@ -99,7 +100,8 @@ class LycheeServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.scheduler: Scheduler | None = None
-        self.service = RerankService(settings, self.metrics, server_version())
+        self.gate = Gate(self.metrics)
+        self.service = RerankService(settings, self.gate, server_version())
         self.health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = False
@@ -184,7 +186,7 @@ class LycheeServer:
         if self._stopped:  # stop() won the race against a slow load
             await self.scheduler.stop()
             return
-        self.service.attach(self.scheduler, engine.info)
+        self.gate.attach(self.scheduler, engine.info)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
@@ -205,10 +207,10 @@ class LycheeServer:
         self._stopped = True
         grace = self.settings.grace_period_s if grace is None else max(grace, 0.0)
         deadline = time.monotonic() + grace
-        self.service.begin_drain()
+        self.gate.begin_drain()
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra=log_fields(event="draining", active_calls=self.service.active_calls))
-        finished = await self.service.wait_calls_done(grace)
+        log.info("draining", extra=log_fields(event="draining", active_calls=self.gate.active_calls))
+        finished = await self.gate.wait_calls_done(grace)
         # A short grace lets the last responses flush; calls still running past the grace period
         # (and health Watch streams) are cancelled here.
         await self.server.stop(min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0)

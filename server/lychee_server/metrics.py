@@ -41,14 +41,14 @@ class Metrics:
         # --- edge ---------------------------------------------------------------------
         self.requests = Counter(
             "lychee_requests",
-            "RPCs finished, by method and gRPC status code.",
-            ["method", "code"],
+            "Calls finished, by method, gRPC status code name and transport (grpc / http).",
+            ["method", "code", "transport"],
             registry=r,
         )
         self.request_latency = Histogram(
             "lychee_request_duration_seconds",
-            "Wall time of an RPC from receipt to status, by method and gRPC status code.",
-            ["method", "code"],
+            "Wall time of a call from receipt to status, by method, status code name and transport.",
+            ["method", "code", "transport"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

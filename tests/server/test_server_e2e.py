@@ -179,7 +179,7 @@ async def test_caller_cancelling_frees_capacity(gated: GatedEngine) -> None:
     async with running_server(engine=gated) as srv, grpc.aio.insecure_channel(srv.address) as ch:
         stub = pb_grpc.RerankServiceStub(ch)
         sched = srv.server.scheduler
-        service = srv.server.service
+        service = srv.server.gate
 
         # 1) cancelled mid-upload: the call ends, nothing reached the scheduler.
         more = asyncio.Event()

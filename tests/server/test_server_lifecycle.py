@@ -65,7 +65,7 @@ async def test_health_and_unavailable_through_startup_and_drain(gated: GatedEngi
             inflight = asyncio.ensure_future(stub.Rerank(make_request(3), timeout=WAIT))
             await asyncio.to_thread(gated.gate.entered.wait, WAIT)
             stopping = asyncio.create_task(server.stop(grace=WAIT))
-            await eventually(lambda: server.service.state.value == "draining", WAIT, "drain to begin")
+            await eventually(lambda: server.gate.state.value == "draining", WAIT, "drain to begin")
             assert await health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert await health(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -82,7 +82,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             return handler
         if self._metrics is not None:
             self._metrics.requests.labels(
-                method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name
+                method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name, "grpc"
             ).inc()
         reason = "missing bearer token" if token is None else "invalid bearer token"
         return _rejecting(handler, errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'"))

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -39,48 +37,27 @@ from google.protobuf.message import DecodeError
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
 from lychee_server import errors
-from lychee_server.domain import EngineInfo, Modality, RerankJob
+from lychee_server.domain import RerankJob, RerankResult
 from lychee_server.edge import codec
+from lychee_server.edge.gate import REQUEST_ID_KEY, Call, Gate, ServingState, request_id_from
 from lychee_server.edge.status import status_for_exception
 from lychee_server.edge.stream import StreamAssembler, discard_rest
-from lychee_server.logs import log_fields, rpc_logger
-from lychee_server.metrics import Metrics
-from lychee_server.scheduler import Scheduler
 from lychee_server.settings import Settings
 
 __all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "RerankService", "ServingState", "add_to_server"]
 
 SERVICE_NAME = "lychee.rerank.v1.RerankService"
-REQUEST_ID_KEY = "x-request-id"
-_MAX_REQUEST_ID = 128
+TRANSPORT = "grpc"
 
 _R = TypeVar("_R")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class ServingState(enum.Enum):
-    LOADING = "loading"  # model loading / warming up: NOT_READY
-    SERVING = "serving"
-    DRAINING = "draining"  # shutting down: SHUTTING_DOWN
-
-
-class _Call:
-    """What the wrapper learns about one call while it runs (for the log line)."""
-
-    __slots__ = ("pairs", "request_id")
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.pairs = 0
-
-
 def _request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str):
-            value = value.strip()
-            if 0 < len(value) <= _MAX_REQUEST_ID and value.isprintable():
-                return value
-    return uuid.uuid4().hex
+            return request_id_from(value)
+    return request_id_from(None)
 
 
 def _decode_stream_message(data: bytes | pb.RerankStreamRequest, index: int) -> pb.RerankStreamRequest:
@@ -103,62 +80,13 @@ _DISCARD_MAX_SECONDS = 2.0
 _CANCEL_SETTLE_SECONDS = 0.2
 
 
-def _check_modalities(job: RerankJob, info: EngineInfo) -> None:
-    """FAILED_PRECONDITION for content the loaded model cannot take (before any work starts)."""
-    violations: list[errors.FieldViolation] = []
-
-    def check(path: str, have: frozenset[Modality], allowed: frozenset[Modality]) -> None:
-        for modality in sorted(have - allowed, key=lambda m: m.value):
-            field = f"{path}.{'text' if modality is Modality.TEXT else 'image'}"
-            violations.append(
-                errors.FieldViolation(field, f"the loaded model does not accept {modality.value}")
-            )
-
-    check("query", job.query.modalities, info.query_modalities)
-    for i, doc in enumerate(job.documents):
-        check(f"documents[{i}]", doc.content.modalities, info.document_modalities)
-    if violations:
-        raise errors.Unsupported(
-            f"{violations[0].field}: {violations[0].description}",
-            reason="MODALITY_NOT_SUPPORTED",
-            violations=violations,
-        )
-
-
 class RerankService(pb_grpc.RerankServiceServicer):
     """Servicer for Rerank / RerankStream / GetServerInfo; see the module docstring."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, version: str = "") -> None:
+    def __init__(self, settings: Settings, gate: Gate, version: str = "") -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._gate = gate
         self._version = version
-        self.state = ServingState.LOADING
-        self._scheduler: Scheduler | None = None
-        self._info: EngineInfo | None = None
-        self._active = 0
-        self._no_active = asyncio.Event()
-        self._no_active.set()
-
-    def attach(self, scheduler: Scheduler, info: EngineInfo) -> None:
-        """Start serving with a started scheduler (called by the app once the model is warm)."""
-        self._scheduler = scheduler
-        self._info = info
-        self.state = ServingState.SERVING
-
-    def begin_drain(self) -> None:
-        self.state = ServingState.DRAINING
-
-    @property
-    def active_calls(self) -> int:
-        return self._active
-
-    async def wait_calls_done(self, limit_s: float) -> bool:
-        """Wait until no call is running; False if ``limit_s`` seconds passed first."""
-        try:
-            await asyncio.wait_for(self._no_active.wait(), max(limit_s, 0.0))
-        except TimeoutError:
-            return False
-        return True
 
     # ------------------------------------------------------------------ RPCs
     async def Rerank(self, request: pb.RerankRequest | bytes, context: Context) -> pb.RerankResponse:
@@ -178,10 +106,10 @@ class RerankService(pb_grpc.RerankServiceServicer):
 
     # ------------------------------------------------------------------ bodies
     async def _rerank(
-        self, request: pb.RerankRequest | bytes, context: Context, call: _Call
+        self, request: pb.RerankRequest | bytes, context: Context, call: Call
     ) -> pb.RerankResponse:
         t0 = time.monotonic()
-        self._require_serving()
+        self._gate.require_serving()
         if not isinstance(request, pb.RerankRequest):
             request = codec.decode_request(request, request_id=call.request_id)
         job = codec.job_from_pb(request, self._settings, request_id=call.request_id)
@@ -191,14 +119,14 @@ class RerankService(pb_grpc.RerankServiceServicer):
         )
 
     async def _rerank_stream(
-        self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: _Call
+        self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context, call: Call
     ) -> pb.RerankStreamResponse:
         t0 = time.monotonic()
         finished = asyncio.Event()
         context.add_done_callback(lambda _ctx: finished.set())  # type: ignore[arg-type]
         ended = False
         try:
-            self._require_serving()
+            self._gate.require_serving()
             assembler = StreamAssembler(self._settings, call.request_id)
             index = 0
             async for raw in request_iterator:
@@ -226,67 +154,33 @@ class RerankService(pb_grpc.RerankServiceServicer):
             replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
         )
 
-    async def _score(self, job: RerankJob, context: Context, call: _Call) -> Any:
-        call.pairs = len(job.documents)
-        scheduler, info = self._require_serving()
-        _check_modalities(job, info)
+    async def _score(self, job: RerankJob, context: Context, call: Call) -> RerankResult:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return await scheduler.rerank(job, deadline=deadline)
+        return await self._gate.score(job, call, deadline)
 
     async def _server_info(self) -> pb.GetServerInfoResponse:
-        if self._info is None:
-            raise errors.Unavailable("the model is loading", reason="NOT_READY")
-        return codec.server_info_to_pb(self._info, self._settings, self._version)
-
-    def _require_serving(self) -> tuple[Scheduler, EngineInfo]:
-        if self.state is ServingState.DRAINING:
-            raise errors.Unavailable(
-                "the server is shutting down; retry on another replica", reason="SHUTTING_DOWN"
-            )
-        if self.state is not ServingState.SERVING or self._scheduler is None or self._info is None:
-            raise errors.Unavailable("the model is loading; retry shortly", reason="NOT_READY")
-        return self._scheduler, self._info
+        return codec.server_info_to_pb(self._gate.info, self._settings, self._version)
 
     # ------------------------------------------------------------------ the one wrapper
-    async def _serve(self, method: str, context: Context, body: Callable[[_Call], Awaitable[_R]]) -> _R:
-        started = time.monotonic()
-        call = _Call(_request_id(context))
-        id_metadata = ((REQUEST_ID_KEY, call.request_id),)
-        self._active += 1
-        self._no_active.clear()
-        code = "OK"
-        try:
-            await context.send_initial_metadata(id_metadata)
-            result = await body(call)
-            context.set_trailing_metadata(id_metadata)
-            return result
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED.name  # the caller went away (or its deadline passed)
-            raise
-        except Exception as exc:
-            status = status_for_exception(exc, request_id=call.request_id)
-            code = status.code.name
-            await context.abort(status.code, status.details, tuple(status.trailing_metadata) + id_metadata)
-            raise AssertionError("context.abort returned") from exc  # pragma: no cover
-        finally:
-            elapsed = time.monotonic() - started
-            self._metrics.requests.labels(method, code).inc()
-            self._metrics.request_latency.labels(method, code).observe(elapsed)
-            rpc_logger.info(
-                "rpc",
-                extra=log_fields(
-                    request_id=call.request_id,
-                    method=method,
-                    code=code,
-                    duration_ms=round(elapsed * 1000, 3),
-                    pairs=call.pairs,
-                    peer=context.peer(),
-                ),
-            )
-            self._active -= 1
-            if self._active == 0:
-                self._no_active.set()
+    async def _serve(self, method: str, context: Context, body: Callable[[Call], Awaitable[_R]]) -> _R:
+        with self._gate.call(method, TRANSPORT, _request_id(context), context.peer()) as call:
+            id_metadata = ((REQUEST_ID_KEY, call.request_id),)
+            try:
+                await context.send_initial_metadata(id_metadata)
+                result = await body(call)
+                context.set_trailing_metadata(id_metadata)
+                return result
+            except asyncio.CancelledError:
+                call.code = grpc.StatusCode.CANCELLED.name  # the caller went away (or its deadline passed)
+                raise
+            except Exception as exc:
+                status = status_for_exception(exc, request_id=call.request_id)
+                call.code = status.code.name
+                await context.abort(
+                    status.code, status.details, tuple(status.trailing_metadata) + id_metadata
+                )
+                raise AssertionError("context.abort returned") from exc  # pragma: no cover
 
 
 def _passthrough(data: bytes) -> bytes:

@@ -1,0 +1,185 @@
+"""The one gate every call passes, whichever door (gRPC or HTTP) it came through.
+
+Why one gate: both doors must give the same answers about the server's state and must be counted
+and drained together. The gate owns
+
+* the serving state (LOADING -> SERVING -> DRAINING), so "not ready" and "shutting down" are the
+  same UNAVAILABLE / NOT_READY / SHUTTING_DOWN errors on both doors, and ``/readyz`` and gRPC health
+  read the same truth;
+* request ids (the caller's ``x-request-id`` when it is short and printable, else a fresh uuid4);
+* the active-call counter a drain waits on (:meth:`Gate.wait_calls_done`), across both doors;
+* the per-call metrics (``lychee_requests_total{method,code,transport}``) and the one log line;
+* the last checks before work reaches the scheduler (:meth:`Gate.score`): the loaded model must
+  accept the job's modalities (FAILED_PRECONDITION otherwise).
+
+No grpc, HTTP, protobuf or JSON types here: a door turns its own request into a ``RerankJob`` and
+its own deadline into an absolute ``time.monotonic()`` value, then calls :meth:`Gate.score`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lychee_server import errors
+from lychee_server.domain import EngineInfo, Modality, RerankJob, RerankResult
+from lychee_server.logs import log_fields, rpc_logger
+from lychee_server.metrics import Metrics
+from lychee_server.scheduler import Scheduler
+
+__all__ = ["REQUEST_ID_KEY", "Call", "Gate", "ServingState", "check_modalities", "request_id_from"]
+
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+
+class ServingState(enum.Enum):
+    LOADING = "loading"  # model loading / warming up: NOT_READY
+    SERVING = "serving"
+    DRAINING = "draining"  # shutting down: SHUTTING_DOWN
+
+
+def request_id_from(value: str | None) -> str:
+    """The caller's request id if it is usable (1..128 printable characters), else a new one."""
+    if isinstance(value, str):
+        value = value.strip()
+        if 0 < len(value) <= _MAX_REQUEST_ID and value.isprintable():
+            return value
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Call:
+    """What the gate learns about one call while it runs (for metrics and the log line)."""
+
+    request_id: str
+    method: str
+    transport: str
+    peer: str = ""
+    pairs: int = 0
+    code: str = "OK"  # the gRPC status code name, on both doors (one vocabulary for dashboards)
+
+
+def check_modalities(job: RerankJob, info: EngineInfo) -> None:
+    """FAILED_PRECONDITION for content the loaded model cannot take (before any work starts)."""
+    violations: list[errors.FieldViolation] = []
+
+    def check(path: str, have: frozenset[Modality], allowed: frozenset[Modality]) -> None:
+        for modality in sorted(have - allowed, key=lambda m: m.value):
+            field = f"{path}.{'text' if modality is Modality.TEXT else 'image'}"
+            violations.append(
+                errors.FieldViolation(field, f"the loaded model does not accept {modality.value}")
+            )
+
+    check("query", job.query.modalities, info.query_modalities)
+    in_documents = frozenset[Modality]().union(*(d.content.modalities for d in job.documents))
+    if in_documents - info.document_modalities:  # only then build per-document paths
+        for i, doc in enumerate(job.documents):
+            check(f"documents[{i}]", doc.content.modalities, info.document_modalities)
+    if violations:
+        raise errors.Unsupported(
+            f"{violations[0].field}: {violations[0].description}",
+            reason="MODALITY_NOT_SUPPORTED",
+            violations=violations,
+        )
+
+
+class Gate:
+    """Serving state, call accounting and the hand-off to the scheduler, shared by both doors."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.state = ServingState.LOADING
+        self._scheduler: Scheduler | None = None
+        self._info: EngineInfo | None = None
+        self._active = 0
+        self._no_active = asyncio.Event()
+        self._no_active.set()
+
+    # ------------------------------------------------------------------ state
+    def attach(self, scheduler: Scheduler, info: EngineInfo) -> None:
+        """Start serving with a started scheduler (called by the app once the model is warm)."""
+        self._scheduler = scheduler
+        self._info = info
+        self.state = ServingState.SERVING
+
+    def begin_drain(self) -> None:
+        self.state = ServingState.DRAINING
+
+    @property
+    def ready(self) -> bool:
+        """True exactly when new work is accepted (``/readyz`` and gRPC health say SERVING)."""
+        return self.state is ServingState.SERVING and self._scheduler is not None
+
+    @property
+    def info(self) -> EngineInfo:
+        """The loaded engine's description; UNAVAILABLE / NOT_READY before the model is loaded."""
+        if self._info is None:
+            raise errors.Unavailable("the model is loading", reason="NOT_READY")
+        return self._info
+
+    def require_serving(self) -> tuple[Scheduler, EngineInfo]:
+        if self.state is ServingState.DRAINING:
+            raise errors.Unavailable(
+                "the server is shutting down; retry on another replica", reason="SHUTTING_DOWN"
+            )
+        if self.state is not ServingState.SERVING or self._scheduler is None or self._info is None:
+            raise errors.Unavailable("the model is loading; retry shortly", reason="NOT_READY")
+        return self._scheduler, self._info
+
+    # ------------------------------------------------------------------ calls
+    @property
+    def active_calls(self) -> int:
+        return self._active
+
+    async def wait_calls_done(self, limit_s: float) -> bool:
+        """Wait until no call is running on either door; False if ``limit_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._no_active.wait(), max(limit_s, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def call(self, method: str, transport: str, request_id: str, peer: str = "") -> Iterator[Call]:
+        """Count one call for its whole life; record its metrics and log line when it ends.
+
+        The door sets ``call.code`` (a gRPC status code name) before leaving the block.
+        """
+        started = time.monotonic()
+        call = Call(request_id=request_id, method=method, transport=transport, peer=peer)
+        self._active += 1
+        self._no_active.clear()
+        try:
+            yield call
+        finally:
+            elapsed = time.monotonic() - started
+            self._metrics.requests.labels(method, call.code, transport).inc()
+            self._metrics.request_latency.labels(method, call.code, transport).observe(elapsed)
+            rpc_logger.info(
+                "rpc",
+                extra=log_fields(
+                    request_id=call.request_id,
+                    method=method,
+                    transport=transport,
+                    code=call.code,
+                    duration_ms=round(elapsed * 1000, 3),
+                    pairs=call.pairs,
+                    peer=call.peer,
+                ),
+            )
+            self._active -= 1
+            if self._active == 0:
+                self._no_active.set()
+
+    async def score(self, job: RerankJob, call: Call, deadline: float | None) -> RerankResult:
+        """Hand a validated job to the scheduler (``deadline``: absolute ``time.monotonic()``)."""
+        call.pairs = len(job.documents)
+        scheduler, info = self.require_serving()
+        check_modalities(job, info)
+        return await scheduler.rerank(job, deadline=deadline)
