@@ -8,7 +8,9 @@ results are rendered back into response messages. Protobuf types stop here.
 
 The per-part parsers (:func:`instruction_from_pb`, :func:`content_from_pb`,
 :func:`options_from_pb`) are shared with :mod:`lychee_server.edge.stream`, which parses the
-``StreamHeader`` with them, so both RPCs enforce literally the same rules.
+``StreamHeader`` with them, so both RPCs enforce literally the same rules. They only take the
+values out of the messages and name their paths: the rules and defaults live in
+:mod:`lychee_server.edge.parts`, which the HTTP door uses too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from google.protobuf.message import DecodeError, Message
 
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
-from lychee_server.edge.validation import Collector, Slot, utf8_len
+from lychee_server.edge import parts
+from lychee_server.edge.validation import Collector, Slot
 from lychee_server.errors import FieldViolation, InvalidInput
 from lychee_server.settings import Settings
 
@@ -39,13 +42,10 @@ __all__ = [
 ]
 
 MEDIA_TYPES: dict[pb.MediaType.ValueType, domain.MediaType] = {
-    pb.MEDIA_TYPE_JPEG: domain.MediaType.JPEG,
-    pb.MEDIA_TYPE_PNG: domain.MediaType.PNG,
-    pb.MEDIA_TYPE_WEBP: domain.MediaType.WEBP,
+    pb.MediaType.ValueType(n): t for n, t in parts.MEDIA_TYPE_NUMBERS.items()
 }
 SCORE_KINDS: dict[pb.ScoreKind.ValueType, domain.ScoreKind] = {
-    pb.SCORE_KIND_PROBABILITY: domain.ScoreKind.PROBABILITY,
-    pb.SCORE_KIND_LOGIT: domain.ScoreKind.LOGIT,
+    pb.ScoreKind.ValueType(n): k for n, k in parts.SCORE_KIND_NUMBERS.items()
 }
 _MODALITIES: dict[domain.Modality, pb.Modality.ValueType] = {
     domain.Modality.TEXT: pb.MODALITY_TEXT,
@@ -86,78 +86,48 @@ def job_from_pb(req: pb.RerankRequest, settings: Settings, *, request_id: str = 
 
 def instruction_from_pb(msg: pb.RerankRequest | pb.StreamHeader, path: str, c: Collector) -> str:
     """Unset = the default instruction; set = must be non-blank and within the byte limit."""
-    if not msg.HasField("instruction"):
-        return domain.DEFAULT_INSTRUCTION
-    text = msg.instruction
-    if c.check(Slot.INSTRUCTION, path, text):
-        c.check(Slot.INSTRUCTION_SIZE, path, utf8_len(text))
-    return text
-
-
-def text_from_pb(text: str, path: str, c: Collector) -> str | None:
-    if not c.check(Slot.TEXT_SIZE, path, utf8_len(text)):
-        return None  # measured first: stripping megabytes of text only to reject it is waste
-    return text if c.check(Slot.TEXT, path, text) else None
+    return parts.instruction(msg.instruction if msg.HasField("instruction") else None, path, c)
 
 
 def image_from_pb(image: pb.Image | None, path: str, c: Collector) -> domain.ImageInput | None:
-    if not c.check(Slot.REQUIRED, path, image):
-        return None
-    assert image is not None
-    size_ok = c.check(Slot.IMAGE_SIZE, f"{path}.data", len(image.data))
-    type_ok = c.check(Slot.MEDIA_TYPE, f"{path}.media_type", int(image.media_type))
-    if not (size_ok and type_ok):
-        return None
-    return domain.ImageInput(data=image.data, media_type=MEDIA_TYPES[image.media_type])
+    if image is None:
+        return parts.image(None, 0, path, c)
+    return parts.image(image.data, int(image.media_type), path, c)
 
 
 def content_from_pb(content: pb.Content | None, path: str, c: Collector) -> domain.Content | None:
     """Parse a ``Content`` (``None`` = the message field is unset); violations go to ``c``."""
     kind = content.WhichOneof("kind") if content is not None else None
-    if not c.check(Slot.REQUIRED, path, kind):
-        return None
-    assert content is not None
+    if kind is None or content is None:
+        return parts.content(None, None, text_given=False, image_given=False, path=path, c=c)
     if kind == "text":
-        text = text_from_pb(content.text, f"{path}.text", c)
-        return None if text is None else domain.Content(text=text)
+        text = parts.text(content.text, f"{path}.text", c)
+        return parts.content(text, None, text_given=True, image_given=False, path=path, c=c)
     if kind == "image":
         image = image_from_pb(content.image, f"{path}.image", c)
-        return None if image is None else domain.Content(image=image)
+        return parts.content(None, image, text_given=False, image_given=True, path=path, c=c)
     ti = content.text_image
-    text = text_from_pb(ti.text, f"{path}.text_image.text", c)
+    text = parts.text(ti.text, f"{path}.text_image.text", c)
     image = image_from_pb(ti.image if ti.HasField("image") else None, f"{path}.text_image.image", c)
-    if text is None or image is None:
-        return None
-    return domain.Content(text=text, image=image)
+    return parts.content(text, image, text_given=True, image_given=True, path=path, c=c)
 
 
 def document_from_pb(doc: pb.Document, path: str, c: Collector) -> domain.Document | None:
-    doc_id: str | None = None
-    id_ok = True
-    if doc.HasField("id"):
-        doc_id = doc.id
-        id_ok = c.check(Slot.ID_SIZE, f"{path}.id", utf8_len(doc_id))
+    doc_id = doc.id if doc.HasField("id") else None
+    id_ok = parts.document_id(doc_id, path, c)
     content = content_from_pb(doc.content if doc.HasField("content") else None, f"{path}.content", c)
-    if content is None or not id_ok:
-        return None
-    return domain.Document(content=content, id=doc_id)
+    return None if content is None or not id_ok else domain.Document(content=content, id=doc_id)
 
 
 def options_from_pb(opts: pb.RerankOptions, path: str, c: Collector) -> domain.RerankOptions:
     """Unset fields take the defaults (all documents, probability, ``settings.default_max_length``)."""
-    top_n: int | None = None
-    if opts.HasField("top_n"):
-        top_n = opts.top_n
-        c.check(Slot.TOP_N, f"{path}.top_n", top_n)
-    score_kind = domain.ScoreKind.PROBABILITY
-    if opts.HasField("score_kind") and c.check(Slot.SCORE_KIND, f"{path}.score_kind", int(opts.score_kind)):
-        score_kind = SCORE_KINDS[opts.score_kind]
-    max_length = c.settings.default_max_length
-    if opts.HasField("max_length"):
-        max_length = opts.max_length
-        c.check(Slot.MAX_LENGTH, f"{path}.max_length", max_length)
-    return domain.RerankOptions(
-        top_n=top_n, score_kind=score_kind, max_length=max_length, return_text=opts.return_text
+    return parts.options(
+        top_n=opts.top_n if opts.HasField("top_n") else None,
+        score_kind=int(opts.score_kind) if opts.HasField("score_kind") else None,
+        max_length=opts.max_length if opts.HasField("max_length") else None,
+        return_text=opts.return_text,
+        path=lambda name: f"{path}.{name}",
+        c=c,
     )
 
 
