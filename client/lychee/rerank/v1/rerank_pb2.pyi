@@ -168,6 +168,26 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
     ERROR_REASON_CANCELLED: _ErrorReason.ValueType  # 32
     """The caller cancelled the call (CANCELLED)."""
+    ERROR_REASON_RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 33
+    """The response would exceed the message limit (e.g. with return_text); ask for fewer results
+    (top_n) or no text. Detected before any scoring.
+    """
+    ERROR_REASON_INVALID_JSON: _ErrorReason.ValueType  # 34
+    """HTTP door: the body is not valid JSON, or a field has the wrong JSON type."""
+    ERROR_REASON_INVALID_BASE64: _ErrorReason.ValueType  # 35
+    """HTTP door: an image string is neither valid base64 nor a data: URI."""
+    ERROR_REASON_IMAGE_URL_DISABLED: _ErrorReason.ValueType  # 36
+    """HTTP door: an image is given by URL while image URL fetching is off (the message says how to
+    turn it on).
+    """
+    ERROR_REASON_IMAGE_URL_FORBIDDEN: _ErrorReason.ValueType  # 37
+    """HTTP door: an image URL names a host that is not allowed (not on the allow-list, or a
+    private, loopback or link-local address).
+    """
+    ERROR_REASON_IMAGE_FETCH_FAILED: _ErrorReason.ValueType  # 38
+    """HTTP door: an image URL could not be fetched (status, size, time or redirect limits)."""
+    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 39
+    """HTTP door: no such route (NOT_FOUND) or method (METHOD_NOT_ALLOWED)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every google.rpc.ErrorInfo.reason the service returns. The reason
@@ -240,6 +260,26 @@ ERROR_REASON_INVALID_TEXT: ErrorReason.ValueType  # 31
 """Text contains a token the prompt template reserves (e.g. "<|image_pad|>")."""
 ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 32
 """The caller cancelled the call (CANCELLED)."""
+ERROR_REASON_RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 33
+"""The response would exceed the message limit (e.g. with return_text); ask for fewer results
+(top_n) or no text. Detected before any scoring.
+"""
+ERROR_REASON_INVALID_JSON: ErrorReason.ValueType  # 34
+"""HTTP door: the body is not valid JSON, or a field has the wrong JSON type."""
+ERROR_REASON_INVALID_BASE64: ErrorReason.ValueType  # 35
+"""HTTP door: an image string is neither valid base64 nor a data: URI."""
+ERROR_REASON_IMAGE_URL_DISABLED: ErrorReason.ValueType  # 36
+"""HTTP door: an image is given by URL while image URL fetching is off (the message says how to
+turn it on).
+"""
+ERROR_REASON_IMAGE_URL_FORBIDDEN: ErrorReason.ValueType  # 37
+"""HTTP door: an image URL names a host that is not allowed (not on the allow-list, or a
+private, loopback or link-local address).
+"""
+ERROR_REASON_IMAGE_FETCH_FAILED: ErrorReason.ValueType  # 38
+"""HTTP door: an image URL could not be fetched (status, size, time or redirect limits)."""
+ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 39
+"""HTTP door: no such route (NOT_FOUND) or method (METHOD_NOT_ALLOWED)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
