@@ -22,6 +22,7 @@ CLIENT_API = {
     "EncodedImage",
     "FieldViolation",
     "ImageInput",
+    "ImageLikeTextWarning",
     "InvalidRequestError",
     "Limits",
     "LycheeClient",
@@ -77,6 +78,14 @@ def test_exception_tree() -> None:
     assert issubclass(c.InvalidRequestError, ValueError)
     assert issubclass(c.DeadlineExceededError, TimeoutError)
     assert not issubclass(c.ServerError, ValueError)
+
+
+def test_image_helpers_and_warning() -> None:
+    from lychee.rerank import client as c
+
+    assert issubclass(c.ImageLikeTextWarning, UserWarning)
+    for name in ("from_bytes", "from_file", "from_data_uri"):
+        assert isinstance(inspect.getattr_static(c.EncodedImage, name), classmethod), name
 
 
 @pytest.mark.parametrize("cls_name", ["LycheeClient", "AsyncLycheeClient"])

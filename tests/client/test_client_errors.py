@@ -125,3 +125,46 @@ def test_unknown_detail_types_are_skipped() -> None:
     st.details.add().Pack(error_details_pb2.Help())
     err = error_from_rpc(_aio_error(grpc.StatusCode.INVALID_ARGUMENT, st))
     assert err.reason == "OUT_OF_RANGE"
+
+
+# -- what a message says, once ------------------------------------------------------------------
+
+
+def test_str_shows_the_status_once() -> None:
+    same = error_from_status(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "missing bearer token",
+        _status(grpc.StatusCode.UNAUTHENTICATED, "", reason="UNAUTHENTICATED"),
+    )
+    assert str(same) == "[UNAUTHENTICATED] missing bearer token"
+    other = error_from_status(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "documents[1].content.text: must not be empty",
+        _status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "",
+            reason="EMPTY_TEXT",
+            metadata={"request_id": "r-1"},
+            violations=[
+                ("documents[1].content.text", "must not be empty", "EMPTY_TEXT"),
+                ("documents[4].content.image", "cannot decode", "IMAGE_DECODE_FAILED"),
+            ],
+        ),
+    )
+    text = str(other)
+    assert text == (
+        "[INVALID_ARGUMENT EMPTY_TEXT] documents[1].content.text: must not be empty "
+        "documents[4].content.image: cannot decode (request_id=r-1)"
+    )
+    assert text.count("must not be empty") == 1
+    assert str(error_from_status(grpc.StatusCode.INTERNAL, "")) == "[INTERNAL] (no message)"
+
+
+def test_unavailable_without_details_names_the_target() -> None:
+    err = error_from_rpc(_aio_error(grpc.StatusCode.UNAVAILABLE, None), "10.1.2.3:50051")
+    assert isinstance(err, c.UnavailableError)
+    assert err.message == "server at '10.1.2.3:50051' is unreachable: plain"
+    # The service's own UNAVAILABLE (model loading, draining) keeps its message.
+    st = _status(grpc.StatusCode.UNAVAILABLE, "model is loading", reason="NOT_READY")
+    served = error_from_rpc(_aio_error(grpc.StatusCode.UNAVAILABLE, st), "10.1.2.3:50051")
+    assert served.message == "model is loading" and served.reason == "NOT_READY"

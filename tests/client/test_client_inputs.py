@@ -34,7 +34,7 @@ def test_sniff_rejects_other_bytes(data: bytes) -> None:
 def test_str_is_always_text_never_a_path(tmp_path: Path) -> None:
     p = tmp_path / "a.png"
     p.write_bytes(_encoded("PNG"))
-    item = coerce_query(str(p))
+    item = coerce_query(str(p))  # coercion alone never warns: the call does (test_client_images)
     assert item.text == str(p) and item.image is None
 
 
@@ -55,7 +55,7 @@ def test_missing_file_names_the_argument(tmp_path: Path) -> None:
 
 def test_unknown_image_bytes_rejected_locally() -> None:
     with pytest.raises(ValueError, match=r"documents\[0\]: not a JPEG, PNG or WebP"):
-        coerce_document(b"GIF89a" + b"\x00" * 20, 0)
+        coerce_document(b"\x00\x00\x01\x00 an .ico or anything else", 0)
 
 
 def test_pil_image_encoded_as_png() -> None:

@@ -131,7 +131,7 @@ class AsyncLycheeClient(ClientBase):
                 metadata=self._metadata,
             )
         except grpc.RpcError as err:
-            self._note_info_failure(error_from_rpc(err))
+            self._note_info_failure(error_from_rpc(err, self.target))
             return None
         self._info = decode_server_info(response)
         return self._info.limits
@@ -145,7 +145,7 @@ class AsyncLycheeClient(ClientBase):
             try:
                 return await attempt(remaining(deadline))
             except grpc.RpcError as rpc_err:
-                err: LycheeError = error_from_rpc(rpc_err)
+                err: LycheeError = error_from_rpc(rpc_err, self.target)
                 delay = self.retry.delay_before_retry(n, err, remaining(deadline), self._rng)
                 if delay is None:
                     raise err from rpc_err

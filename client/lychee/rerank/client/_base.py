@@ -20,7 +20,7 @@ import grpc
 from lychee.rerank.v1 import rerank_pb2 as pb
 
 from ._errors import LycheeError
-from ._inputs import Item, coerce_document, coerce_query
+from ._inputs import Item, coerce_document, coerce_query, warn_image_like_text
 from ._retry import RetryPolicy
 from ._types import Limits, ScoreKind, ServerInfo
 from ._wire import (
@@ -63,6 +63,11 @@ def _read_pem(source: PemSource | None, what: str) -> bytes | None:
             return fh.read()
     except OSError as err:
         raise ValueError(f"cannot read {what} from {os.fspath(source)!r}: {err}") from err
+
+
+def _non_ascii_at(value: str) -> int | None:
+    """Index of the first character gRPC refuses in an ASCII metadata value, or ``None``."""
+    return next((i for i, c in enumerate(value) if not " " <= c <= "~"), None)
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -159,9 +164,26 @@ class ClientBase:
         self._channel_options = tuple(options)
 
         call_metadata = [(k.lower(), v) for k, v in metadata]
+        for key, value in call_metadata:
+            if (
+                not key.endswith("-bin")
+                and isinstance(value, str)
+                and (at := _non_ascii_at(value)) is not None
+            ):
+                raise ValueError(
+                    f"metadata value of {key!r} must be printable ASCII (character {at} is not); "
+                    "send binary or non-ASCII values under a key ending in '-bin'"
+                )
         if api_key is not None:
-            if not api_key or any(c in api_key for c in "\r\n"):
-                raise ValueError("api_key must be a non-empty single-line string")
+            if not isinstance(api_key, str) or not api_key:
+                raise ValueError("api_key must be a non-empty string")
+            if (at := _non_ascii_at(api_key)) is not None:
+                # gRPC only says "Invalid metadata" at call time; the character itself is not
+                # echoed (it is part of a secret).
+                raise ValueError(
+                    f"api_key must be ASCII: printable characters only, no line breaks (character {at} "
+                    "is not; a copy-pasted key may hold a typographic quote or a non-breaking space)"
+                )
             call_metadata.append(("authorization", f"Bearer {api_key}"))
         self._metadata: tuple[tuple[str, str], ...] = tuple(call_metadata)
 
@@ -203,6 +225,7 @@ class ClientBase:
     ) -> PreparedCall:
         if isinstance(documents, str | bytes) or not isinstance(documents, Sequence):
             raise TypeError("documents must be a sequence (list or tuple) of documents")
+        warn_image_like_text(query, documents)
         q = coerce_query(query)
         docs = tuple(coerce_document(d, i) for i, d in enumerate(documents))
         options = build_options(

@@ -11,7 +11,7 @@ the human-readable message. ::
     ├── InvalidRequestError    INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE  (also ValueError)
     ├── AuthenticationError    UNAUTHENTICATED, PERMISSION_DENIED
     ├── OverloadedError        RESOURCE_EXHAUSTED (see ``reason``: OVERLOADED vs a size limit)
-    ├── UnavailableError       UNAVAILABLE (model loading, draining, nothing listening)
+    ├── UnavailableError       UNAVAILABLE (model loading, draining; "unreachable": nothing listening)
     ├── DeadlineExceededError  DEADLINE_EXCEEDED                                    (also TimeoutError)
     └── ServerError            INTERNAL, UNKNOWN and every other code; malformed responses
 
@@ -99,13 +99,23 @@ class LycheeError(Exception):
         self.request_id = request_id
 
     def __str__(self) -> str:
-        parts = [self.message or "(no message)"]
-        tags = [t for t in (self.code.name if self.code else None, self.reason) if t]
+        """``[CODE REASON] message field: description (request_id=...)``, each part once: the
+        reason only when it differs from the code's name, a violation only when the message
+        does not already say it."""
+        message = self.message or "(no message)"
+        parts = [message]
+        code = self.code.name if self.code else None
+        tags = [t for t in dict.fromkeys((code, self.reason)) if t]
         if tags:
             parts.insert(0, f"[{' '.join(tags)}]")
-        if self.field_violations:
-            parts.append("; ".join(f"{v.field}: {v.description}" for v in self.field_violations))
-        if self.request_id:
+        extra = [
+            text
+            for text in dict.fromkeys(f"{v.field}: {v.description}" for v in self.field_violations)
+            if text not in message
+        ]
+        if extra:
+            parts.append("; ".join(extra))
+        if self.request_id and self.request_id not in message:
             parts.append(f"(request_id={self.request_id})")
         return " ".join(parts)
 
@@ -241,8 +251,13 @@ def rich_status_from_trailers(
     return None
 
 
-def error_from_rpc(err: grpc.RpcError) -> LycheeError:
-    """Turn a raised ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into a LycheeError."""
+def error_from_rpc(err: grpc.RpcError, target: str | None = None) -> LycheeError:
+    """Turn a raised ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into a LycheeError.
+
+    ``target`` (the channel's) names the server in the message of an UNAVAILABLE that did not
+    come from the service (no ``ErrorInfo``: nothing listening, DNS, TLS handshake ...), which
+    then reads ``server at 'host:port' is unreachable: <gRPC's reason>``.
+    """
     # Both the sync errors (which are also grpc.Call objects) and AioRpcError expose
     # code() / details() / trailing_metadata() synchronously.
     code_fn = getattr(err, "code", None)
@@ -255,4 +270,7 @@ def error_from_rpc(err: grpc.RpcError) -> LycheeError:
     raw_trailers = trailers_fn() if callable(trailers_fn) else None
     trailers: list[tuple[str, str | bytes]] = [(str(k), v) for k, v in (raw_trailers or ())]
     status = rich_status_from_trailers(code, trailers)
-    return error_from_status(code, details if isinstance(details, str) else "", status, trailers)
+    message = details if isinstance(details, str) else ""
+    if target is not None and code is grpc.StatusCode.UNAVAILABLE and status is None:
+        message = f"server at {target!r} is unreachable: {message or 'no connection'}"
+    return error_from_status(code, message, status, trailers)

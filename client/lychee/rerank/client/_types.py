@@ -7,6 +7,7 @@ frozen dataclasses back, so results can be cached, compared and passed across th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Literal, TypeAlias
@@ -57,6 +58,29 @@ class EncodedImage:
     def __repr__(self) -> str:  # never dump megabytes into logs or tracebacks
         return f"EncodedImage({self.media_type}, {len(self.data)} bytes)"
 
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EncodedImage:
+        """Sniff encoded bytes (JPEG, PNG, WebP); GIF (first frame), BMP and TIFF are converted
+        to PNG, which needs Pillow (``pip install pillow``). Raises ``ValueError`` otherwise."""
+        from ._inputs import encode_image_bytes
+
+        return encode_image_bytes(bytes(data), "image")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> EncodedImage:
+        """Read an image file now, as :meth:`from_bytes`; error messages start with the path."""
+        from ._inputs import image_from_file
+
+        return image_from_file(path)
+
+    @classmethod
+    def from_data_uri(cls, uri: str) -> EncodedImage:
+        """Decode a ``data:image/<type>;base64,<data>`` URI (or a percent-encoded one), as
+        :meth:`from_bytes`. A data: URI passed as a plain ``str`` is scored as text."""
+        from ._inputs import image_from_data_uri
+
+        return image_from_data_uri(uri)
+
 
 if TYPE_CHECKING:
     from PIL.Image import Image as _PILImage
@@ -64,7 +88,8 @@ if TYPE_CHECKING:
     ImageInput: TypeAlias = bytes | PurePath | EncodedImage | _PILImage
 else:  # PIL is optional: PIL images are recognised at runtime without importing PIL here.
     ImageInput: TypeAlias = bytes | PurePath | EncodedImage
-"""An image: encoded bytes (JPEG/PNG/WebP, sniffed), a file path (read when the call is made),
+"""An image: encoded bytes (JPEG/PNG/WebP, sniffed; GIF/BMP/TIFF converted to PNG when Pillow is
+installed), a file path (read when the call is made),
 an :class:`EncodedImage`, or a PIL image (encoded to PNG)."""
 
 
@@ -94,10 +119,12 @@ class Doc:
 
 
 QueryInput: TypeAlias = "str | ImageInput | Query"
-"""A query: ``str`` is always text (never a path); images as in :data:`ImageInput`."""
+"""A query: ``str`` is always text (never a path or URL; one that looks like an image warns with
+``ImageLikeTextWarning``, ``Query(text=...)`` never does); images as in :data:`ImageInput`."""
 
 DocumentInput: TypeAlias = "str | ImageInput | Doc"
-"""A document: ``str`` is always text (never a path); images as in :data:`ImageInput`."""
+"""A document: ``str`` is always text (never a path or URL; one that looks like an image warns
+with ``ImageLikeTextWarning``, ``Doc(text=...)`` never does); images as in :data:`ImageInput`."""
 
 
 @dataclass(frozen=True, slots=True)
