@@ -66,6 +66,17 @@ class Settings(BaseSettings):
         512 * MiB, ge=1 * MiB, description="Total payload bytes of one streamed request."
     )
     max_chunk_bytes: int = Field(256 * KiB, ge=1, le=256 * KiB, description="Largest stream chunk.")
+    stream_idle_timeout_s: float = Field(
+        30.0, gt=0, description="A stream upload with no message for this long is ended (DEADLINE_EXCEEDED)."
+    )
+    max_buffered_bytes: int = Field(
+        1024 * MiB,
+        ge=1 * MiB,
+        description="Stream payload all uploads together may hold; past it RESOURCE_EXHAUSTED + RetryInfo.",
+    )
+    max_concurrent_calls: int = Field(
+        1024, ge=1, description="Calls handled at once; past it RESOURCE_EXHAUSTED + RetryInfo at once."
+    )
     max_length: int = Field(8192, ge=64, description="Upper bound a request may ask for as max_length.")
     default_max_length: int = Field(
         DEFAULT_MAX_LENGTH, ge=64, description="max_length when a request sets none."
