@@ -57,8 +57,21 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag.rstrip("s"), dest=name, action="append", default=None, help=help_text + " (repeatable)"
             )
+        elif payload is int and field.default is not None and _optional(field.annotation):
+            # an optional listener port: a number, or 'off' (Settings turns 'off' into None)
+            parser.add_argument(flag, dest=name, type=_port_or_off, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=payload, default=None, help=help_text)
+
+
+def _optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _port_or_off(value: str) -> int | str:
+    if value.strip().lower() in ("off", "none"):
+        return "off"
+    return int(value)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:

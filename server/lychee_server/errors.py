@@ -4,7 +4,7 @@ Every failure the core can report is a :class:`LycheeError` carrying a stable
 UPPER_SNAKE ``reason`` (the ``ErrorReason`` names in the proto, without the
 ``ERROR_REASON_`` prefix), a :class:`Code`, optional field violations and
 metadata. ``lychee_server.edge.status`` is the single table that turns these
-into gRPC statuses (google.rpc.Status with ErrorInfo / BadRequest / RetryInfo).
+into gRPC statuses (google.rpc.Status with ErrorInfo / BadRequest / RetryInfo) and HTTP responses.
 
     LycheeError
     ├── InvalidInput          -> INVALID_ARGUMENT
@@ -14,6 +14,7 @@ into gRPC statuses (google.rpc.Status with ErrorInfo / BadRequest / RetryInfo).
     ├── Unauthenticated       -> UNAUTHENTICATED
     ├── DeadlineExceeded      -> DEADLINE_EXCEEDED
     ├── Cancelled             -> CANCELLED
+    ├── NotFound              -> NOT_FOUND (the HTTP door: no such route)
     └── InternalError         -> INTERNAL
         └── DeviceOutOfMemory -> INTERNAL (the scheduler splits the batch and retries first)
 """
@@ -33,6 +34,7 @@ class Code(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
+    NOT_FOUND = "NOT_FOUND"
     INTERNAL = "INTERNAL"
 
 
@@ -130,6 +132,11 @@ class DeadlineExceeded(LycheeError):
 class Cancelled(LycheeError):
     code = Code.CANCELLED
     default_reason = "CANCELLED"
+
+
+class NotFound(LycheeError):
+    code = Code.NOT_FOUND
+    default_reason = "NOT_FOUND"
 
 
 class InternalError(LycheeError):

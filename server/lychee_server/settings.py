@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lychee_server.domain import DEFAULT_MAX_LENGTH
@@ -92,6 +92,26 @@ class Settings(BaseSettings):
     # --- transport / security ------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind (use 0.0.0.0 in containers).")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    http_port: int | None = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="HTTP/JSON port (/v1/rerank, /rerank, /healthz, /readyz, /docs; 0 = pick a free one; "
+        "'off' = no HTTP door).",
+    )
+    http_host: str | None = Field(None, description="Address the HTTP door binds (unset = --host).")
+    http_timeout_s: float | None = Field(
+        None, gt=0, description="Deadline of an HTTP request that sends no X-Request-Timeout (unset = none)."
+    )
+    image_url_fetch: bool = Field(
+        False, description="HTTP door: let requests name images by http(s) URL (off by default: SSRF)."
+    )
+    image_url_allow_hosts: tuple[str, ...] = Field(
+        (),
+        description="Hosts image URLs may name (exact, or '*.example.com'); empty = any public host. "
+        "Private, loopback and link-local addresses are refused unless their host is listed.",
+    )
+    image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image URL fetch.")
     metrics_port: int | None = Field(9400, description="Prometheus /metrics port (unset = no metrics).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS).")
@@ -105,6 +125,20 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(True, description="Structured JSON logs on stderr.")
     warmup: bool = Field(True, description="Run a warm-up forward before reporting SERVING.")
+
+    @field_validator("http_port", "metrics_port", mode="before")
+    @classmethod
+    def _port_off(cls, value: object) -> object:
+        """'off' / 'none' / '' turn an optional listener off (from a flag or a variable)."""
+        if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+            return None
+        return value
+
+    @property
+    def http_max_body_bytes(self) -> int:
+        """Largest HTTP request body: one gRPC message's worth of payload after base64's 4/3 growth
+        (images travel as base64 in JSON), plus 64 KiB for the JSON around it."""
+        return -(-self.max_message_bytes * 4 // 3) + 64 * KiB
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

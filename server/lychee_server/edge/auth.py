@@ -26,7 +26,7 @@ from lychee_server.edge.status import to_status
 from lychee_server.edge.stream import discard_rest
 from lychee_server.metrics import Metrics
 
-__all__ = ["OPEN_METHOD_PREFIXES", "BearerAuthInterceptor"]
+__all__ = ["OPEN_METHOD_PREFIXES", "BearerAuthInterceptor", "KeySet", "bearer_token", "rejection"]
 
 OPEN_METHOD_PREFIXES: tuple[str, ...] = (
     "/grpc.health.v1.Health/",
@@ -41,7 +41,7 @@ else:
 _Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]]
 
 
-def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes | None:
     for key, value in metadata or ():
         if key.lower() != "authorization":
             continue
@@ -53,16 +53,15 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes |
     return None
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Reject calls without a valid bearer token (health and reflection stay open)."""
+class KeySet:
+    """The accepted bearer tokens; the one check both doors (gRPC interceptor, HTTP middleware) use."""
 
-    def __init__(self, keys: Iterable[str], metrics: Metrics | None = None) -> None:
+    def __init__(self, keys: Iterable[str]) -> None:
         self._keys = tuple(k.encode() for k in keys if k)
         if not self._keys:
-            raise ValueError("BearerAuthInterceptor needs at least one key")
-        self._metrics = metrics
+            raise ValueError("KeySet needs at least one key")
 
-    def is_valid(self, token: bytes | None) -> bool:
+    def verify(self, token: bytes | None) -> bool:
         if token is None:
             return False
         matched = False
@@ -70,13 +69,30 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             matched |= hmac.compare_digest(token, key)
         return matched
 
+
+def rejection(token: bytes | None) -> errors.Unauthenticated:
+    """The error for a missing or wrong token, worded the same on both doors."""
+    reason = "missing bearer token" if token is None else "invalid bearer token"
+    return errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'")
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Reject calls without a valid bearer token (health and reflection stay open)."""
+
+    def __init__(self, keys: Iterable[str] | KeySet, metrics: Metrics | None = None) -> None:
+        self._keys = keys if isinstance(keys, KeySet) else KeySet(keys)
+        self._metrics = metrics
+
+    def is_valid(self, token: bytes | None) -> bool:
+        return self._keys.verify(token)
+
     async def intercept_service(
         self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> _Handler:
         method = handler_call_details.method or ""
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)
-        token = _bearer_token(handler_call_details.invocation_metadata)
+        token = bearer_token(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if handler is None or self.is_valid(token):
             return handler
@@ -84,8 +100,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             self._metrics.requests.labels(
                 method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name, "grpc"
             ).inc()
-        reason = "missing bearer token" if token is None else "invalid bearer token"
-        return _rejecting(handler, errors.Unauthenticated(f"{reason}: send 'authorization: Bearer <key>'"))
+        return _rejecting(handler, rejection(token))
 
 
 _UNAUTHENTICATED_DISCARD_BYTES = 256 * 1024

@@ -1,8 +1,14 @@
-"""The single error -> gRPC status table (Google AIP-193 error model).
+"""The single error -> status table, with a gRPC and an HTTP column (Google AIP-193 error model).
 
-Why one table: clients dispatch on ``ErrorInfo.reason`` and on field paths, so every RPC must
-render errors identically. Every non-OK status carries a ``google.rpc.Status`` in the
-``grpc-status-details-bin`` trailer with
+Why one table: clients dispatch on ``ErrorInfo.reason`` and on field paths, so every RPC -- and
+both doors, gRPC and HTTP -- must render errors identically. Each :class:`~lychee_server.errors.Code`
+has one row (:data:`TABLE`): its gRPC code and its HTTP status, following google.rpc's published
+mapping (INVALID_ARGUMENT/FAILED_PRECONDITION 400, UNAUTHENTICATED 401, NOT_FOUND 404,
+RESOURCE_EXHAUSTED 429, CANCELLED 499, INTERNAL 500, UNAVAILABLE 503, DEADLINE_EXCEEDED 504); the
+few reasons that HTTP spells more precisely are overridden in :data:`HTTP_BY_REASON`
+(REQUEST_TOO_LARGE 413, MODALITY_NOT_SUPPORTED 422). :func:`to_http` renders the same error as
+a JSON body for the HTTP door. Over gRPC, every non-OK status carries a ``google.rpc.Status`` in
+the ``grpc-status-details-bin`` trailer with
 
 * always an ``ErrorInfo`` (reason, domain ``lychee.rerank.v1``, metadata incl. ``request_id``);
 * a ``BadRequest`` with one ``FieldViolation`` per bad field, when the error names fields;
@@ -17,6 +23,8 @@ violations and the length of every string are bounded here.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -29,11 +37,18 @@ from lychee_server.errors import Code, LycheeError
 
 __all__ = [
     "DOMAIN",
+    "HTTP_BY_REASON",
     "MAX_DETAIL_CHARS",
     "MAX_STATUS_VIOLATIONS",
     "STATUS_CODES",
+    "TABLE",
+    "HttpError",
+    "Row",
     "abort_with",
+    "as_lychee_error",
+    "http_error_for_exception",
     "status_for_exception",
+    "to_http",
     "to_status",
     "to_status_pb",
 ]
@@ -46,16 +61,35 @@ MAX_STATUS_VIOLATIONS = 20
 MAX_DETAIL_CHARS = 512
 """Longest message / description / metadata value sent (longer ones are cut with '...')."""
 
-STATUS_CODES: dict[Code, grpc.StatusCode] = {
-    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Code.CANCELLED: grpc.StatusCode.CANCELLED,
-    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """How one error code is spelled on each door."""
+
+    grpc: grpc.StatusCode
+    http: int
+
+
+TABLE: dict[Code, Row] = {
+    Code.INVALID_ARGUMENT: Row(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    Code.FAILED_PRECONDITION: Row(grpc.StatusCode.FAILED_PRECONDITION, 400),
+    Code.RESOURCE_EXHAUSTED: Row(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    Code.UNAVAILABLE: Row(grpc.StatusCode.UNAVAILABLE, 503),
+    Code.UNAUTHENTICATED: Row(grpc.StatusCode.UNAUTHENTICATED, 401),
+    Code.DEADLINE_EXCEEDED: Row(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    Code.CANCELLED: Row(grpc.StatusCode.CANCELLED, 499),
+    Code.NOT_FOUND: Row(grpc.StatusCode.NOT_FOUND, 404),
+    Code.INTERNAL: Row(grpc.StatusCode.INTERNAL, 500),
 }
+
+HTTP_BY_REASON: dict[str, int] = {
+    "REQUEST_TOO_LARGE": 413,  # the body (or the streamed request) is over its limit
+    "MODALITY_NOT_SUPPORTED": 422,  # well-formed, but this model cannot take it
+}
+"""Per-reason HTTP statuses where HTTP has a more precise word than the code's row."""
+
+STATUS_CODES: dict[Code, grpc.StatusCode] = {code: row.grpc for code, row in TABLE.items()}
+"""The gRPC column of :data:`TABLE`."""
 
 _INTERNAL_MESSAGE = "internal server error"
 
@@ -66,7 +100,7 @@ def _cut(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 
 def to_status_pb(err: LycheeError, *, request_id: str = "") -> status_pb2.Status:
     """``err`` as a ``google.rpc.Status`` (exposed for tests and for non-gRPC gateways)."""
-    grpc_code = STATUS_CODES.get(err.code, grpc.StatusCode.INTERNAL)
+    grpc_code = TABLE.get(err.code, TABLE[Code.INTERNAL]).grpc
     metadata = {str(k): _cut(str(v)) for k, v in err.metadata.items()}
     if request_id:
         metadata["request_id"] = _cut(request_id)
@@ -95,16 +129,72 @@ def to_status(err: LycheeError, *, request_id: str = "") -> grpc.Status:
     return rpc_status.to_status(to_status_pb(err, request_id=request_id))
 
 
-def status_for_exception(exc: BaseException, *, request_id: str = "") -> grpc.Status:
-    """Any exception as a status: ``LycheeError`` by the table, anything else INTERNAL.
+def as_lychee_error(exc: BaseException, *, request_id: str = "") -> LycheeError:
+    """``exc`` itself when it is a ``LycheeError``; anything else becomes INTERNAL_ERROR.
 
     The unknown exception is logged (with its traceback) but its text is not sent.
     """
     if isinstance(exc, LycheeError):
-        return to_status(exc, request_id=request_id)
+        return exc
     log.error("unhandled exception (request_id=%s)", request_id or "-", exc_info=exc)
-    internal = LycheeError(_INTERNAL_MESSAGE, reason="INTERNAL_ERROR")
-    return to_status(internal, request_id=request_id)
+    return LycheeError(_INTERNAL_MESSAGE, reason="INTERNAL_ERROR")
+
+
+def status_for_exception(exc: BaseException, *, request_id: str = "") -> grpc.Status:
+    """Any exception as a gRPC status: ``LycheeError`` by the table, anything else INTERNAL."""
+    return to_status(as_lychee_error(exc, request_id=request_id), request_id=request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    """An error as the HTTP door sends it: status, headers and a JSON-ready body."""
+
+    status: int
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+def http_status(err: LycheeError) -> int:
+    return HTTP_BY_REASON.get(err.reason, TABLE.get(err.code, TABLE[Code.INTERNAL]).http)
+
+
+def to_http(err: LycheeError, *, request_id: str = "") -> HttpError:
+    """``err`` for the HTTP door: the same reason, message and field paths as the gRPC status.
+
+    Body: ``{"message", "reason", "code", "request_id", "field_violations": [{field, description,
+    reason}], "retry_after_s"?}`` (``message`` is what Cohere-style clients print). Headers:
+    ``Retry-After`` (whole seconds, rounded up) when the error says when to retry, and on 503;
+    ``WWW-Authenticate: Bearer`` on 401; ``x-request-id``.
+    """
+    row = TABLE.get(err.code, TABLE[Code.INTERNAL])
+    status = http_status(err)
+    body: dict[str, Any] = {
+        "message": _cut(err.message),
+        "reason": err.reason,
+        "code": row.grpc.name,
+        "request_id": request_id,
+        "field_violations": [
+            {"field": _cut(v.field), "description": _cut(v.description), "reason": v.reason or err.reason}
+            for v in err.violations[:MAX_STATUS_VIOLATIONS]
+        ],
+    }
+    if len(err.violations) > MAX_STATUS_VIOLATIONS:
+        body["violations_omitted"] = len(err.violations) - MAX_STATUS_VIOLATIONS
+    headers = {"x-request-id": request_id} if request_id else {}
+    retry_after = err.retry_after
+    if retry_after is None and row.grpc is grpc.StatusCode.UNAVAILABLE:
+        retry_after = 1.0  # loading or draining: come back soon (or go to another replica)
+    if retry_after is not None:
+        body["retry_after_s"] = max(retry_after, 0.0)
+        headers["retry-after"] = str(max(math.ceil(retry_after), 0))
+    if row.grpc is grpc.StatusCode.UNAUTHENTICATED:
+        headers["www-authenticate"] = "Bearer"
+    return HttpError(status=status, headers=headers, body=body)
+
+
+def http_error_for_exception(exc: BaseException, *, request_id: str = "") -> HttpError:
+    """Any exception for the HTTP door (unknown ones: 500 with the fixed message, logged)."""
+    return to_http(as_lychee_error(exc, request_id=request_id), request_id=request_id)
 
 
 async def abort_with(
