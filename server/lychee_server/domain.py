@@ -93,6 +93,9 @@ class RerankJob:
     documents: tuple[Document, ...]
     options: RerankOptions = field(default_factory=RerankOptions)
     request_id: str = ""
+    # Who is asking (set by the edge from the api key); scopes the engine's vision cache so one
+    # tenant cannot time whether another scored an image (settings.vision_cache_scope).
+    tenant: str = ""
 
 
 @dataclass(frozen=True, slots=True)

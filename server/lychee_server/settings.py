@@ -50,6 +50,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Device memory the vision cache may hold, in MiB (a 1 Mpx image is ~9 MiB at 7B/bf16).",
     )
+    vision_cache_scope: Literal["tenant", "global"] = Field(
+        "tenant",
+        description=(
+            "Who shares vision-cache entries. 'tenant': only calls of the same tenant (api key), so a "
+            "fast answer never tells a caller that someone else sent the image; 'global': every "
+            "caller (more hits when tenants send the same images, but a timing side channel)."
+        ),
+    )
     decode_threads: int = Field(4, ge=1, description="CPU threads that decode and preprocess images.")
 
     # --- request limits (reported by GetServerInfo) --------------------------------
