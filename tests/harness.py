@@ -145,7 +145,7 @@ class FakeEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    def prepare_query(self, instruction: str, query: Content, max_length: int) -> FakeQuery:
+    def prepare_query(self, instruction: str, query: Content, max_length: int, tenant: str = "") -> FakeQuery:
         return FakeQuery(
             text=query.text or "",
             max_length=max_length,
@@ -221,8 +221,10 @@ class GatedEngine:
     def info(self) -> EngineInfo:
         return self.inner.info
 
-    def prepare_query(self, instruction: str, query: Content, max_length: int) -> PreparedQuery:
-        return self.inner.prepare_query(instruction, query, max_length)
+    def prepare_query(
+        self, instruction: str, query: Content, max_length: int, tenant: str = ""
+    ) -> PreparedQuery:
+        return self.inner.prepare_query(instruction, query, max_length, tenant)
 
     def prepare_pair(self, query: PreparedQuery, document: Content) -> PreparedPair:
         return self.inner.prepare_pair(query, document)

@@ -109,9 +109,9 @@ class FaultyEngine(GatedEngine):
             if text and marker in text:
                 raise make()
 
-    def prepare_query(self, instruction: str, query: Any, max_length: int) -> Any:
+    def prepare_query(self, instruction: str, query: Any, max_length: int, tenant: str = "") -> Any:
         self._prepare_fault(query.text)
-        pq = self.inner.prepare_query(instruction, query, max_length)
+        pq = self.inner.prepare_query(instruction, query, max_length, tenant)
         with self._lock:
             self._labels[id(pq)] = (pq, (query.text or "?").split()[0])
         return pq

@@ -257,7 +257,7 @@ class Scheduler:
         self._idle.clear()
         self._update_gauges()
         req.query_future = self._prep_pool.submit(
-            _timed, self._engine.prepare_query, job.instruction, job.query, job.options.max_length
+            _timed, self._engine.prepare_query, job.instruction, job.query, job.options.max_length, job.tenant
         )
         req.query_future.add_done_callback(self._from_thread(self._on_query_ready, req))
         try:
