@@ -1,27 +1,70 @@
 """``lychee-rerank rank``: rank image and text files against a query from the command line.
 
-Documents are files, folders (searched recursively) or globs; images (.jpg .jpeg .png .webp)
-become image documents, text files (.txt .md .rst .csv .json .html) text documents. Scoring goes
-through a running server (``--target``) with the Python client, or in-process (``--model``)
-through the very scheduler and engine the server uses. Work is sent in slices of
-``--batch-size`` documents so a progress bar can follow long jobs; every pair is scored
-independently, so slicing does not change any score.
+Documents are files, folders (searched recursively, hidden entries ignored) or globs; images
+(.jpg .jpeg .png .webp, and .gif .bmp .tif .tiff converted to PNG, the first frame of an
+animation) become image documents, text files (.txt .md .rst .csv .json .html ...) text
+documents, and anything else is skipped and listed. Scoring goes through a running server
+(``--target``) with the Python client, or in-process (``--model``) through the very scheduler
+and engine the server uses. Work is sent in slices of ``--batch-size`` documents so a progress
+bar can follow long jobs; every pair is scored independently, so slicing does not change any
+score.
+
+A file that cannot be ranked (unreadable, empty, corrupt, not the image its name says) is
+reported under its own name, never as ``documents[i]``: the server's field paths are mapped
+back to the files of the slice that was sent. By default the first bad files stop the run
+(listed, exit 1, nothing ranked: a partial ranking is not silently passed on); with
+``--skip-bad`` they are left out, listed, and the rest is ranked (exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import glob
 import json
+import os
+import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-IMAGE_SUFFIXES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".csv", ".json", ".html", ".htm", ".xml", ".log"}
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".csv", ".json", ".html", ".htm", ".xml", ".log"})
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_LISTED = 10
+"""At most this many file names in one summary line."""
+
+PROG = "lychee-rerank rank"
+SKIP_BAD_HELP = (
+    "skip files that cannot be ranked (unreadable, empty, corrupt or not an image) instead of "
+    "stopping: the rest is ranked, every skipped file is listed on stderr with its reason, and "
+    "the exit status is 0. Without it, bad files are listed and the run stops with exit status 1 "
+    "before printing a ranking. Files of other types are always skipped and listed."
+)
+
+
+class BadFile(Exception):
+    """A file that cannot be ranked; ``reason`` says why, in words about the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class DocumentErrors(Exception):
+    """A slice was refused because of some of its documents: index in the slice -> reason."""
+
+    def __init__(self, errors: Mapping[int, str]) -> None:
+        super().__init__(f"{len(errors)} document(s) refused")
+        self.errors = dict(errors)
+
+
+class FatalError(Exception):
+    """A failure that is about no single file (server down, bad token, bad query ...)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +72,7 @@ class FileDoc:
     path: Path
     text: str | None
     image: bytes | None
-    media_type: str | None = None  # "image/png" ..., from the file suffix
+    media_type: str | None = None  # sniffed from the bytes ("image/png" for converted images)
 
 
 @dataclass(frozen=True)
@@ -37,6 +80,23 @@ class Ranked:
     rank: int
     score: float
     path: Path
+
+
+@dataclass(frozen=True)
+class Found:
+    """What :func:`discover` found: files to rank, and files skipped for their type."""
+
+    paths: list[Path]
+    unsupported: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """A run of :func:`rank_files`: the ranking of what could be scored, and the bad files."""
+
+    ranked: list[Ranked]
+    failed: list[BadFile]
+    stopped: bool  # bad files ended the run before every file was tried
 
 
 def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +107,7 @@ def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-n", type=int, help="show only the best N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=int, default=16, help="documents per request")
+    parser.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="a running server, host:port")
     where.add_argument("--model", help="score in-process with this checkpoint (dir or hub id)")
@@ -54,23 +115,39 @@ def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, help="PEM root certificate: use TLS to --target")
     parser.add_argument("--device", default="auto", help="in-process device (auto, cpu, cuda)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.epilog = (
+        "Images: .jpg .jpeg .png .webp, and .gif .bmp .tif .tiff (converted to PNG; first frame). "
+        "Text: " + " ".join(sorted(TEXT_SUFFIXES)) + ". Other files are skipped and listed; hidden "
+        "files and folders inside a folder are ignored. Exit status: 0 ranked, 1 a bad file stopped "
+        "the run (see --skip-bad) or the server/model failed, 2 bad arguments."
+    )
 
 
-def discover(inputs: Iterable[str]) -> list[Path]:
-    """Expand files, folders and globs into a sorted, de-duplicated list of usable files."""
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def discover(inputs: Iterable[str]) -> Found:
+    """Expand files, folders and globs into a sorted, de-duplicated list of files to rank, plus
+    the files skipped because of their type."""
     found: dict[Path, None] = {}
+    unsupported: dict[Path, None] = {}
+
+    def add(path: Path) -> None:
+        (found if _usable(path) else unsupported)[path] = None
+
     for item in inputs:
         matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
         for m in matches:
             if m.is_dir():
                 for f in sorted(m.rglob("*")):
-                    if f.is_file() and _usable(f):
-                        found[f] = None
-            elif m.is_file() and _usable(m):
-                found[m] = None
+                    if f.is_file() and not _hidden(f, m):
+                        add(f)
+            elif m.is_file():
+                add(m)
             elif not m.exists():
                 raise FileNotFoundError(f"no such file, folder or glob match: {item}")
-    return list(found)
+    return Found(list(found), [p for p in unsupported if p not in found])
 
 
 def _usable(path: Path) -> bool:
@@ -78,13 +155,66 @@ def _usable(path: Path) -> bool:
     return suffix in IMAGE_SUFFIXES or suffix in TEXT_SUFFIXES
 
 
+def probe(path: Path) -> BadFile | None:
+    """A cheap look (size, and an image's first bytes) that finds most bad files before any
+    scoring; :func:`load` still checks everything."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as err:
+        return BadFile(path, f"cannot read the file: {err.strerror or err}")
+    if not head:
+        return BadFile(path, "the file is empty")
+    if path.suffix.lower() in IMAGE_SUFFIXES and not (
+        head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    ):
+        return BadFile(path, "not a JPEG, PNG, WebP, GIF, BMP or TIFF image (unrecognised file signature)")
+    return None
+
+
 def load(path: Path) -> FileDoc:
+    """Read one file as a document; raises :class:`BadFile`."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return FileDoc(path, None, path.read_bytes(), IMAGE_SUFFIXES[path.suffix.lower()])
-    return FileDoc(path, path.read_text(encoding="utf-8", errors="replace"), None)
+        from lychee.rerank.client import EncodedImage
+
+        try:
+            image = EncodedImage.from_file(path)  # sniffed; GIF/BMP/TIFF converted to PNG
+        except ValueError as err:
+            prefix = f"{path}: "
+            message = str(err)
+            raise BadFile(path, message[len(prefix) :] if message.startswith(prefix) else message) from err
+        return FileDoc(path, None, image.data, image.media_type)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise BadFile(path, f"cannot read the file: {err.strerror or err}") from err
+    if not text:
+        raise BadFile(path, "the file is empty")
+    return FileDoc(path, text, None)
 
 
 ScoreFn = Callable[[Sequence[FileDoc]], list[float]]
+
+_DOCUMENT_FIELD = re.compile(r"^documents\[(\d+)\](?:\.(.+))?$")
+_DOCUMENT_MENTION = re.compile(r"documents\[(\d+)\](?:\.[\w.\[\]]+)?")
+
+
+def document_errors(violations: Iterable[tuple[str, str]], count: int) -> dict[int, str] | None:
+    """Per-document reasons from ``(field path, description)`` pairs, or ``None`` when any of them
+    is about something other than one of the ``count`` documents sent (then no file is to blame)."""
+    errors: dict[int, list[str]] = {}
+    for path, description in violations:
+        match = _DOCUMENT_FIELD.match(path)
+        if match is None or int(match[1]) >= count:
+            return None
+        part = match[2] or ""
+        what = "image" if "image" in part else "text" if "text" in part else ""
+        # The description may quote the field path itself; the file name replaces it later.
+        reason = _DOCUMENT_MENTION.sub("this document", description).strip() or "refused by the server"
+        errors.setdefault(int(match[1]), []).append(
+            f"{what}: {reason}" if what and what not in reason else reason
+        )
+    return {i: "; ".join(dict.fromkeys(reasons)) for i, reasons in errors.items()} or None
 
 
 def _scores_in_input_order(results: Iterable[Any], n: int) -> list[float]:
@@ -95,38 +225,73 @@ def _scores_in_input_order(results: Iterable[Any], n: int) -> list[float]:
     return out
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
-    import os
+    from lychee.rerank.client import Doc, EncodedImage, LycheeClient, LycheeError, MediaType, Query
 
-    from lychee.rerank.client import Doc, LycheeClient, Query
-
-    client = LycheeClient(
-        ns.target,
-        api_key=ns.api_key or os.environ.get("LYCHEE_API_KEY"),
-        root_certificates=ns.tls_ca.read_bytes() if ns.tls_ca else None,
-        timeout=ns.timeout,
-    )
-    query = Query(text=ns.query, image=ns.query_image.read_bytes() if ns.query_image else None)
+    api_key = ns.api_key or os.environ.get("LYCHEE_API_KEY")
+    try:
+        root = ns.tls_ca.read_bytes() if ns.tls_ca else None
+    except OSError as err:
+        raise FatalError(f"cannot read --tls-ca {str(ns.tls_ca)!r}: {err.strerror or err}") from err
+    try:
+        client = LycheeClient(ns.target, api_key=api_key, root_certificates=root, timeout=ns.timeout)
+    except ValueError as err:
+        raise FatalError(str(err)) from err
+    query = Query(text=ns.query, image=_query_image(ns))
 
     def score(docs: Sequence[FileDoc]) -> list[float]:
-        result = client.rerank(
-            query,
-            [Doc(text=d.text, image=d.image) for d in docs],
-            instruction=ns.instruction,
-        )
+        batch = [
+            Doc(
+                text=d.text, image=EncodedImage(d.image, cast("MediaType", d.media_type)) if d.image else None
+            )
+            for d in docs
+        ]
+        try:
+            result = client.rerank(query, batch, instruction=ns.instruction)
+        except LycheeError as err:
+            per_doc = document_errors(((v.field, v.description) for v in err.field_violations), len(docs))
+            if per_doc is not None:
+                raise DocumentErrors(per_doc) from err
+            raise FatalError(_one_line(str(err))) from err
         return _scores_in_input_order(result.results, len(docs))
 
-    return score, client.close, client.server_info().random_weights
+    try:
+        random_weights = client.server_info().random_weights
+    except LycheeError as err:
+        client.close()
+        raise FatalError(_one_line(str(err))) from err
+    return score, client.close, random_weights
+
+
+def _query_image(ns: argparse.Namespace) -> Any:
+    """The ``--query-image`` as an ``EncodedImage`` (converted like the documents), or ``None``."""
+    if ns.query_image is None:
+        return None
+    from lychee.rerank.client import EncodedImage
+
+    try:
+        return EncodedImage.from_file(ns.query_image)
+    except ValueError as err:
+        raise FatalError(f"--query-image {err}") from err
 
 
 def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
     from lychee_server.domain import DEFAULT_INSTRUCTION, Content, Document, ImageInput, MediaType, RerankJob
     from lychee_server.engine import load_engine
+    from lychee_server.errors import LycheeError
     from lychee_server.scheduler import Scheduler
     from lychee_server.settings import Settings
 
+    query_image = _query_image(ns)
     settings = Settings(model=ns.model, device=ns.device, metrics_port=None)
-    engine = load_engine(settings)
+    try:
+        engine = load_engine(settings)
+    except LycheeError as err:
+        raise FatalError(_one_line(err.message)) from err
     loop = asyncio.new_event_loop()
     scheduler = Scheduler(engine, settings)
     loop.run_until_complete(scheduler.start())
@@ -135,9 +300,10 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
         img = ImageInput(image, MediaType(media_type)) if image is not None and media_type else None
         return Content(text=text, image=img)
 
-    qi: Path | None = ns.query_image
     query = content(
-        ns.query, qi.read_bytes() if qi else None, IMAGE_SUFFIXES.get(qi.suffix.lower()) if qi else None
+        ns.query,
+        query_image.data if query_image else None,
+        query_image.media_type if query_image else None,
     )
 
     def score(docs: Sequence[FileDoc]) -> list[float]:
@@ -146,7 +312,13 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
             query=query,
             documents=tuple(Document(content(d.text, d.image, d.media_type)) for d in docs),
         )
-        result = loop.run_until_complete(scheduler.rerank(job))
+        try:
+            result = loop.run_until_complete(scheduler.rerank(job))
+        except LycheeError as err:
+            per_doc = document_errors(((v.field, v.description) for v in err.violations), len(docs))
+            if per_doc is not None:
+                raise DocumentErrors(per_doc) from err
+            raise FatalError(_one_line(f"{err.reason}: {err.message}")) from err
         return _scores_in_input_order(result.results, len(docs))
 
     def close() -> None:
@@ -156,20 +328,51 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
     return score, close, engine.info.random_weights
 
 
-def rank_files(paths: Sequence[Path], score: ScoreFn, batch_size: int, progress: bool) -> list[Ranked]:
+def rank_files(
+    paths: Sequence[Path], score: ScoreFn, batch_size: int, progress: bool, *, skip_bad: bool = False
+) -> Outcome:
     """Score ``paths`` in slices of ``batch_size``; each slice's files are read only for its call,
-    so a folder of thousands of photos never sits in memory at once."""
+    so a folder of thousands of photos never sits in memory at once.
+
+    Bad files (found by :func:`probe` up front, by :func:`load`, or named by the scorer's
+    :class:`DocumentErrors`) stop the run unless ``skip_bad``; then they are left out and the
+    slice is sent again without them, so a good file is never dropped for a bad neighbour.
+    """
     from rich.progress import Progress
 
-    scores: list[float] = []
+    failed = [bad for p in paths if (bad := probe(p)) is not None]
+    if failed and not skip_bad:
+        return Outcome([], failed, stopped=True)
+    refused = {bad.path for bad in failed}
+    todo = [p for p in paths if p not in refused]
+    scored: list[tuple[float, Path]] = []
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("ranking", total=len(paths))
-        for start in range(0, len(paths), batch_size):
-            chunk = [load(p) for p in paths[start : start + batch_size]]
-            scores.extend(score(chunk))
+        task = bar.add_task("ranking", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            docs: list[FileDoc] = []
+            for p in chunk:
+                try:
+                    docs.append(load(p))
+                except BadFile as bad:
+                    failed.append(bad)
+            if failed and not skip_bad:
+                return Outcome([], failed, stopped=True)
+            while docs:  # each round drops at least one document, so this ends
+                try:
+                    scores = score(docs)
+                except DocumentErrors as err:
+                    failed.extend(BadFile(docs[i].path, reason) for i, reason in sorted(err.errors.items()))
+                    if not skip_bad:
+                        return Outcome([], failed, stopped=True)
+                    docs = [d for i, d in enumerate(docs) if i not in err.errors]
+                    continue
+                scored.extend(zip(scores, (d.path for d in docs), strict=True))
+                break
             bar.advance(task, len(chunk))
-    order = sorted(range(len(paths)), key=lambda i: (-scores[i], i))
-    return [Ranked(rank + 1, scores[i], paths[i]) for rank, i in enumerate(order)]
+    order = sorted(range(len(scored)), key=lambda i: (-scored[i][0], i))
+    ranked = [Ranked(rank + 1, scored[i][0], scored[i][1]) for rank, i in enumerate(order)]
+    return Outcome(ranked, failed, stopped=False)
 
 
 RANDOM_NOTE = "the model has random weights (a test checkpoint): these scores carry no meaning"
@@ -177,7 +380,7 @@ RANDOM_NOTE = "the model has random weights (a test checkpoint): these scores ca
 
 def render(ranked: Sequence[Ranked], as_json: bool, random_weights: bool = False) -> None:
     if random_weights:
-        print(f"lychee-rerank rank: note: {RANDOM_NOTE}", file=sys.stderr)
+        print(f"{PROG}: note: {RANDOM_NOTE}", file=sys.stderr)
     if as_json:
         rows = [{"rank": r.rank, "score": r.score, "path": str(r.path)} for r in ranked]
         print(json.dumps(rows, indent=2))
@@ -195,24 +398,70 @@ def render(ranked: Sequence[Ranked], as_json: bool, random_weights: bool = False
     Console().print(table)
 
 
+def _names(paths: Sequence[Path]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_LISTED])
+    return shown + (f" and {len(paths) - _LISTED} more" if len(paths) > _LISTED else "")
+
+
+def _report_unsupported(paths: Sequence[Path]) -> None:
+    if len(paths) <= _LISTED:
+        for p in paths:
+            print(
+                f"{PROG}: skipped {p}: unsupported file type {p.suffix or '(no suffix)'!r}", file=sys.stderr
+            )
+        return
+    counts = collections.Counter(p.suffix.lower() or "(no suffix)" for p in paths)
+    kinds = ", ".join(f"{suffix} x{n}" for suffix, n in counts.most_common())
+    print(f"{PROG}: skipped {len(paths)} files of unsupported types: {kinds}", file=sys.stderr)
+
+
 def run_rank(ns: argparse.Namespace) -> int:
     if ns.query is None and ns.query_image is None:
-        print("lychee-rerank rank: give --query and/or --query-image", file=sys.stderr)
+        print(f"{PROG}: give --query and/or --query-image", file=sys.stderr)
         return 2
     try:
-        paths = discover(ns.inputs)
+        found = discover(ns.inputs)
     except FileNotFoundError as err:
-        print(f"lychee-rerank rank: {err}", file=sys.stderr)
+        print(f"{PROG}: {err}", file=sys.stderr)
         return 2
-    if not paths:
-        print("lychee-rerank rank: no image or text files found", file=sys.stderr)
+    _report_unsupported(found.unsupported)
+    if not found.paths:
+        print(f"{PROG}: no image or text files found", file=sys.stderr)
         return 2
-    score, close, random_weights = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
     try:
-        ranked = rank_files(paths, score, max(1, ns.batch_size), progress=not ns.json and sys.stderr.isatty())
-    finally:
-        close()
-    if ns.top_n is not None:
-        ranked = ranked[: ns.top_n]
-    render(ranked, ns.json, random_weights)
-    return 0
+        score, close, random_weights = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
+        try:
+            outcome = rank_files(
+                found.paths,
+                score,
+                max(1, ns.batch_size),
+                progress=not ns.json and sys.stderr.isatty(),
+                skip_bad=ns.skip_bad,
+            )
+        finally:
+            close()
+    except FatalError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    failed_paths = [bad.path for bad in outcome.failed]
+    for bad in outcome.failed:
+        print(
+            f"{PROG}: {'skipped ' if ns.skip_bad else ''}{bad.path}: {_one_line(bad.reason)}", file=sys.stderr
+        )
+    if outcome.stopped:
+        n = len(outcome.failed)
+        print(
+            f"{PROG}: stopped: {n} file{'s' if n != 1 else ''} could not be ranked ({_names(failed_paths)}); "
+            "nothing was ranked. Fix or remove them, or pass --skip-bad to rank the other files.",
+            file=sys.stderr,
+        )
+        return 1
+    ranked = outcome.ranked if ns.top_n is None else outcome.ranked[: ns.top_n]
+    if outcome.ranked:
+        render(ranked, ns.json, random_weights)
+    skipped = failed_paths + found.unsupported
+    summary = f"{PROG}: ranked {len(outcome.ranked)} file{'s' if len(outcome.ranked) != 1 else ''}"
+    if skipped:
+        summary += f", skipped {len(skipped)}: {_names(skipped)}"
+    print(summary, file=sys.stderr)
+    return 0 if outcome.ranked else 1

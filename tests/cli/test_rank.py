@@ -114,7 +114,7 @@ def test_rank_files_reads_each_slice_only_when_it_is_scored(
         return [float(d.path.stem) for d in docs]
 
     monkeypatch.setattr(rank, "load", load)
-    ranked = rank.rank_files(paths, score, batch_size=2, progress=False)
+    ranked = rank.rank_files(paths, score, batch_size=2, progress=False).ranked
     assert events == ["load 0", "load 1", "score", "load 2", "load 3", "score", "load 4", "score"]
     assert [r.path.stem for r in ranked] == ["4", "3", "2", "1", "0"]
     assert [r.rank for r in ranked] == [1, 2, 3, 4, 5]
