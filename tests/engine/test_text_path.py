@@ -1,16 +1,20 @@
 """The template-once text path: a pair's ids (prefix ids + ids of the document part) equal the ids of
-the fully rendered and tokenized pair, and the path falls back to full rendering when it cannot
-prove that."""
+the whole pair as the naive reference builds them, and the path falls back to the uncut prompt when
+it cannot prove that. No caller text (not even the engine's own slot marks) leaves the fast path."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import reference_logit, reference_prompt_ids
 
 from helpers import image_input
 from lychee_server.domain import DEFAULT_INSTRUCTION, Content
-from lychee_server.engine.qwen import _SENTINEL, QwenRerankEngine
-from lychee_server.engine.recipe import build_messages, expand_and_position
+from lychee_server.engine.interface import probability
+from lychee_server.engine.qwen import QwenRerankEngine
+from lychee_server.engine.recipe import SLOTS, expand_and_position
+
+OLD_SENTINEL = "\ue000lychee-doc\ue000"  # the mark the engine used to look for in rendered text
 
 QUERIES = [
     Content(text="What is the capital of France?"),
@@ -18,6 +22,7 @@ QUERIES = [
     Content(text="ends with newline\n"),
     Content(text="<Document>: inside\n<Document>:"),
     Content(text="with image", image=image_input(57, 91, seed=1)),
+    Content(image=image_input(40, 60, seed=3)),
 ]
 DOC_TEXTS = [
     "Paris.",
@@ -33,17 +38,16 @@ DOC_TEXTS = [
 
 
 def _full_ids(engine: QwenRerankEngine, query: Content, doc: Content) -> np.ndarray:
-    msgs = build_messages(
-        DEFAULT_INSTRUCTION, query.text, query.image is not None, doc.text, doc.image is not None
-    )
-    return engine._encode(engine._render(msgs))
+    return np.asarray(reference_prompt_ids(engine.processor, DEFAULT_INSTRUCTION, query, doc), dtype=np.int64)
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=lambda q: repr(q.text)[:20])
 def test_split_rendering_equals_full_rendering(tiny_engine: QwenRerankEngine, query: Content) -> None:
     pq = tiny_engine.prepare_query(DEFAULT_INSTRUCTION, query, 3200)
-    docs = [Content(text=t) for t in DOC_TEXTS] + [
-        Content(text=t, image=image_input(40, 40, seed=2)) for t in DOC_TEXTS[:4]
+    docs = [
+        *(Content(text=t) for t in DOC_TEXTS),
+        *(Content(text=t, image=image_input(40, 40, seed=2)) for t in DOC_TEXTS[:4]),
+        Content(image=image_input(30, 50, seed=4)),
     ]
     for doc in docs:
         pair = tiny_engine.prepare_pair(pq, doc)
@@ -54,16 +58,73 @@ def test_split_rendering_equals_full_rendering(tiny_engine: QwenRerankEngine, qu
         )
         got = np.concatenate([pq.shared_ids, pair.ids])
         assert np.array_equal(got, want), doc.text
-    assert pq.templates[False] is not None and pq.templates[True] is not None
+    assert all(pq.templates[k] is not None for k in ((True, False), (True, True), (False, True)))
     tiny_engine.release(pq)
 
 
-def test_sentinel_in_query_falls_back_to_full_rendering(tiny_engine: QwenRerankEngine) -> None:
-    query = Content(text=f"odd {_SENTINEL} query")
-    pq = tiny_engine.prepare_query(DEFAULT_INSTRUCTION, query, 3200)
-    doc = Content(text="-dash first")
-    pair = tiny_engine.prepare_pair(pq, doc)
-    assert pq.templates[False] is None
-    got = np.concatenate([pq.shared_ids, pair.ids]) if pair.reuse else pair.ids
-    assert np.array_equal(got, _full_ids(tiny_engine, query, doc))
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"odd {OLD_SENTINEL} query",
+        OLD_SENTINEL,
+        *(f"x {m} y" for m in SLOTS.values()),
+        "".join(SLOTS.values()),
+    ],
+    ids=["old-sentinel", "only-old-sentinel", "slot-instruction", "slot-query", "slot-document", "all-slots"],
+)
+def test_marks_in_caller_text_take_the_fast_path(tiny_engine: QwenRerankEngine, text: str) -> None:
+    """The engine's marks are never searched in caller text: a query, instruction or document
+    spelling them is plain text, takes the cut (fast) path and scores as the reference."""
+    query = Content(text=text)
+    pq = tiny_engine.prepare_query(text, query, 3200)  # in the instruction too
+    docs = [Content(text="-dash first"), Content(text=f"doc with {text}")]
+    pairs = [tiny_engine.prepare_pair(pq, d) for d in docs]
+    assert pq.templates[(True, False)] is not None and all(p.reuse for p in pairs)
+    for doc, pair, got in zip(docs, pairs, tiny_engine.score(pairs), strict=True):
+        ids = np.concatenate([pq.shared_ids, pair.ids])
+        assert np.array_equal(ids, reference_prompt_ids(tiny_engine.processor, text, query, doc))
+        want, _ = reference_logit(tiny_engine.model, tiny_engine.processor, text, query, doc, 3200)
+        assert abs(got - want) <= 1e-5 and abs(probability(got) - probability(want)) <= 1e-5
     tiny_engine.release(pq)
+
+
+def test_prompts_are_compiled_once_not_rendered_per_request(tiny_engine: QwenRerankEngine) -> None:
+    """The chat template is rendered at start-up (one compiled prompt per pair shape), not per call."""
+    calls = 0
+    render = tiny_engine._render
+
+    def counting(messages):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return render(messages)
+
+    tiny_engine._render = counting  # type: ignore[method-assign]
+    try:
+        pq = tiny_engine.prepare_query(DEFAULT_INSTRUCTION, Content(text="q?"), 3200)
+        tiny_engine.prepare_pair(pq, Content(text="d"))
+        tiny_engine.prepare_pair(pq, Content(text="e", image=image_input(30, 30, seed=5)))
+    finally:
+        del tiny_engine._render
+    assert calls == 0
+    assert len(tiny_engine._prompts) == 9
+    tiny_engine.release(pq)
+
+
+def test_unproven_cut_falls_back_to_the_uncut_prompt(tiny_engine: QwenRerankEngine) -> None:
+    """A document part that does not reproduce the uncut prompt on the probes is not used (here a
+    wrong one: the part of another document shape); pairs then take the uncut prompt, same ids."""
+    shape = (True, False, True, False)
+    right = tiny_engine._suffixes[shape]
+    tiny_engine._suffixes[shape] = tiny_engine._suffixes[(True, False, True, True)]
+    try:
+        query = Content(text="What is the capital of France?")
+        pq = tiny_engine.prepare_query(DEFAULT_INSTRUCTION, query, 3200)
+        docs = [Content(text=t) for t in DOC_TEXTS]
+        pairs = [tiny_engine.prepare_pair(pq, d) for d in docs]
+        assert pq.templates[(True, False)] is None
+        for doc, pair in zip(docs, pairs, strict=True):
+            got = np.concatenate([pq.shared_ids, pair.ids]) if pair.reuse else pair.ids
+            assert np.array_equal(got, _full_ids(tiny_engine, query, doc)), doc.text
+        tiny_engine.release(pq)
+    finally:
+        tiny_engine._suffixes[shape] = right

@@ -75,3 +75,63 @@ def test_thread_safe_under_concurrent_puts() -> None:
 def test_engine_cache_uses_settings_bytes(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     assert tiny_engine.vision_cache.max_bytes == tiny_engine.settings.vision_cache_mib * 2**20
     assert tiny_engine.vision_cache.capacity == tiny_engine.settings.vision_cache_entries
+
+
+def test_image_key_separates_scopes_and_fields() -> None:
+    from lychee_server.engine.vision_cache import image_key
+
+    base = image_key(b"img", "image/png", "model|a", "tenant-a")
+    assert base == image_key(b"img", "image/png", "model|a", "tenant-a")
+    assert base != image_key(b"img", "image/png", "model|a", "tenant-b")
+    assert base != image_key(b"img", "image/png", "model|a")
+    # Length-prefixed fields: moving bytes from one field to the next changes the key.
+    assert image_key(b"img", "image/png", "ab", "c") != image_key(b"img", "image/png", "a", "bc")
+    assert image_key(b"\0img", "image/png", "t", "") != image_key(b"img", "image/png", "t", "\0")
+
+
+def _image_pair(engine, tenant: str, image):  # type: ignore[no-untyped-def]
+    from lychee_server.domain import DEFAULT_INSTRUCTION, Content
+
+    pq = engine.prepare_query(DEFAULT_INSTRUCTION, Content(text="which photo?"), 3200, tenant)
+    pair = engine.prepare_pair(pq, Content(text="a photo", image=image))
+    cached = pair.images[0].pixel_values is None  # a hit skips decoding and preprocessing too
+    hits = engine.vision_cache.hits
+    score = engine.score([pair])[0]
+    engine.release(pq)
+    return score, cached, engine.vision_cache.hits - hits
+
+
+def test_cache_is_per_tenant_by_default(tiny_engine, fresh_vision_cache) -> None:  # type: ignore[no-untyped-def]
+    """One tenant's images never answer another tenant from the cache (no timing side channel);
+    the same tenant still hits, and every path scores the same."""
+    from helpers import image_input
+
+    assert tiny_engine.settings.vision_cache_scope == "tenant"
+    image = image_input(80, 60, seed=21)
+    first, cached_a1, hits_a1 = _image_pair(tiny_engine, "tenant-a", image)
+    again, cached_a2, hits_a2 = _image_pair(tiny_engine, "tenant-a", image)
+    other, cached_b, hits_b = _image_pair(tiny_engine, "tenant-b", image)
+    anon, cached_anon, _ = _image_pair(tiny_engine, "", image)
+    assert (cached_a1, hits_a1) == (False, 0)
+    assert (cached_a2, hits_a2) == (True, 1)
+    assert (cached_b, hits_b) == (False, 0)
+    assert not cached_anon
+    assert len(tiny_engine.vision_cache) == 3  # one entry per tenant ("tenant-a", "tenant-b", "")
+    assert max(abs(s - first) for s in (again, other, anon)) <= 1e-5
+
+
+def test_global_scope_shares_entries_across_tenants(tiny_engine, fresh_vision_cache) -> None:  # type: ignore[no-untyped-def]
+    from helpers import image_input
+    from lychee_server.engine.qwen import QwenRerankEngine
+
+    shared = QwenRerankEngine(
+        tiny_engine.loaded, tiny_engine.settings.model_copy(update={"vision_cache_scope": "global"})
+    )
+    try:
+        image = image_input(80, 60, seed=22)
+        first, cached_a, _ = _image_pair(shared, "tenant-a", image)
+        other, cached_b, hits_b = _image_pair(shared, "tenant-b", image)
+        assert not cached_a and cached_b and hits_b == 1
+        assert abs(first - other) <= 1e-5
+    finally:
+        shared.close()

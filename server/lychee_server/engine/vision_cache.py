@@ -4,6 +4,11 @@ Why: in reranking the same images come back again and again (the same catalogue 
 many queries). The ViT is a large share of an image pair's cost, and its output depends only on the
 image bytes and the processor settings, so those make the key (see :func:`image_key`).
 
+The key also holds a *scope*, the caller's tenant by default (``settings.vision_cache_scope``): a
+hit answers many times faster than a miss, so a cache shared by all callers would tell anyone
+whether an image was recently scored by someone else. Per-tenant keys close that side channel at
+the price of one ViT run per tenant for an image several tenants send.
+
 Bounded by entries *and* bytes: entry size varies ~100x with image resolution (a 1080p image is
 ~1200 tokens x hidden x 2 bytes, ~9 MiB at 7B/bf16; a thumbnail a few KiB), so an entry count
 alone cannot bound device memory.
@@ -21,14 +26,14 @@ import torch
 __all__ = ["VisionCache", "VisionEntry", "image_key"]
 
 
-def image_key(data: bytes, media_type: str, settings_tag: str) -> str:
-    """sha256 of the bytes plus everything that changes the ViT output (processor bounds, model)."""
+def image_key(data: bytes, media_type: str, settings_tag: str, scope: str = "") -> str:
+    """sha256 of the bytes plus everything that changes the ViT output (processor bounds, model)
+    and the ``scope`` (tenant) that may share the entry. Every field is length-prefixed, so no
+    choice of tenant or tag can make two different field tuples hash the same input."""
     h = hashlib.sha256()
-    h.update(settings_tag.encode())
-    h.update(b"\0")
-    h.update(media_type.encode())
-    h.update(b"\0")
-    h.update(data)
+    for part in (settings_tag.encode(), scope.encode(), media_type.encode(), data):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
     return h.hexdigest()
 
 
