@@ -59,6 +59,21 @@ class Settings(BaseSettings):
         ),
     )
     decode_threads: int = Field(4, ge=1, description="CPU threads that decode and preprocess images.")
+    decode_processes: int = Field(
+        0, ge=0, description="Image decoder worker processes (0 = as many as decode_threads)."
+    )
+    image_decode_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Wall time one image may take to decode; past it the decoder process is killed "
+        "and the image refused (IMAGE_DECODE_FAILED).",
+    )
+    image_decode_memory_mib: int = Field(
+        2048,
+        ge=64,
+        description="Memory one image decode may need, estimated from its header before any pixel is "
+        "decoded (IMAGE_TOO_MANY_PIXELS) and enforced in the decoder process.",
+    )
 
     # --- request limits (reported by GetServerInfo) --------------------------------
     max_documents: int = Field(1000, ge=1, description="Documents per request.")
