@@ -17,7 +17,8 @@ pins=(-c scripts/constraints.txt)
 .venv/bin/python -m pip install -q "${pins[@]}" -e ".[server,langchain,dev]"
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+  (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)  # the Node example
 else
-  echo "install.sh: npm not found; the Node client test will be skipped" >&2
+  echo "install.sh: npm not found; the Node client tests will be skipped" >&2
 fi
 echo "installed: $(.venv/bin/lychee-rerank --help | head -1)"
