@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lychee_server.domain import Content, EngineInfo, ImageInput, Modality
-from lychee_server.engine.images import ImageLimits, decode_image
+from lychee_server.engine.decode_pool import DecodePool
+from lychee_server.engine.images import ImageLimits
 from lychee_server.engine.loading import LoadedModel, load_model
 from lychee_server.engine.preprocess import FastImagePreprocessor, hf_patches
 from lychee_server.engine.recipe import (
@@ -257,13 +257,22 @@ class QwenRerankEngine:
         self.w_no_yes: torch.Tensor = w[[self.no_id, self.yes_id]].detach().clone()
         # Query chunk of the prefixed attention: small on CPU (no launch cost), large on GPU.
         self._attn_chunk = 64 if self.device.type == "cpu" else 512
-        self.limits = ImageLimits(max_image_pixels=settings.max_image_pixels, max_pixels=settings.max_pixels)
+        self.limits = ImageLimits(
+            max_image_pixels=settings.max_image_pixels,
+            max_pixels=settings.max_pixels,
+            max_decode_bytes=settings.image_decode_memory_mib * 2**20,
+        )
         self.vision_cache = VisionCache(settings.vision_cache_entries, settings.vision_cache_mib * 2**20)
         self._settings_tag = (
             f"{loaded.model_id}@{loaded.revision}|{settings.min_pixels}|{settings.max_pixels}"
         )
         self._prompts, self._suffixes = self._compile_prompts()
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="lychee-decode")
+        # Images decode in worker processes (killable, time-bounded); the calling thread only waits.
+        self._decoder = DecodePool(
+            settings.decode_processes or settings.decode_threads,
+            self.limits,
+            timeout_s=settings.image_decode_timeout_s,
+        )
         self._info = EngineInfo(
             model_id=loaded.model_id,
             model_revision=loaded.revision,
@@ -331,17 +340,17 @@ class QwenRerankEngine:
                 suffixes[shape] = tail
         return prompts, suffixes
 
-    def _image_item(self, image: ImageInput, tenant: str = "") -> ImageItem:
+    def _image_item(self, image: ImageInput, tenant: str = "", request: object | None = None) -> ImageItem:
         scope = tenant if self.settings.vision_cache_scope == "tenant" else ""
         key = image_key(image.data, image.media_type.value, self._settings_tag, scope)
         grid = self.vision_cache.peek_grid(key)
         if grid is not None:
             return ImageItem(key, grid, None, image)
-        # Decode in the dedicated pool so a flood of images cannot starve the scheduler's workers.
-        return self._decode_pool.submit(self._preprocess, key, image).result()
+        return self._preprocess(key, image, request)
 
-    def _preprocess(self, key: str, image: ImageInput) -> ImageItem:
-        pil = decode_image(image, self.limits)
+    def _preprocess(self, key: str, image: ImageInput, request: object | None = None) -> ImageItem:
+        # Decoded in a worker process (engine.decode_pool); ``request`` lets cancel() stop it.
+        pil = self._decoder.decode(image, request)
         if self._fast_pre is not None:
             patches, grid = self._fast_pre(pil)
         else:
@@ -351,7 +360,7 @@ class QwenRerankEngine:
     def prepare_query(
         self, instruction: str, query: Content, max_length: int, tenant: str = ""
     ) -> QwenPreparedQuery:
-        images = [self._image_item(query.image, tenant)] if query.image is not None else []
+        images = [self._image_item(query.image, tenant, query)] if query.image is not None else []
         qt, qi = query.text is not None, query.image is not None
         values = {"instruction": instruction, "query": query.text or "", "document": ""}
         # The shared prefix: the prompt up to the "\n" of the document marker.
@@ -379,7 +388,9 @@ class QwenRerankEngine:
 
     def prepare_pair(self, query: QwenPreparedQuery, document: Content) -> QwenPreparedPair:
         pq = query
-        doc_images = [self._image_item(document.image, pq.tenant)] if document.image is not None else []
+        doc_images = (
+            [self._image_item(document.image, pq.tenant, pq.query)] if document.image is not None else []
+        )
         all_images = pq.images + doc_images
         d_text, d_img = document.text is not None, document.image is not None
         shape = (*pq.shape, d_text, d_img)
@@ -778,6 +789,7 @@ class QwenRerankEngine:
         Image.new("RGB", (64, 48), (120, 30, 200)).save(buf, format="PNG")
         from lychee_server.domain import DEFAULT_INSTRUCTION, MediaType
 
+        self._decoder.prestart()  # the decoder processes boot while the warm-up forward runs
         pq = self.prepare_query(DEFAULT_INSTRUCTION, Content(text="warm-up query"), 512)
         try:
             docs = [
@@ -789,5 +801,12 @@ class QwenRerankEngine:
             self.release(pq)
         self.vision_cache.clear()
 
+    def cancel(self, query: Content) -> None:
+        """Stop the image decodes of the request whose query is ``query`` (the very object passed to
+        ``prepare_query``; identity, not equality): running ones are killed, queued ones never start
+        and raise ``Cancelled``. For the scheduler, when a request is answered, failed or abandoned."""
+        self._decoder.cancel(query)
+
     def close(self) -> None:
-        self._decode_pool.shutdown(wait=False)
+        """Kill the image decoder processes (a decode in flight fails at once)."""
+        self._decoder.close()
