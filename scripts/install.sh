@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 # (not with a TORCH_SPEC of your own: the pins include this torch's CUDA wheels).
 pins=(-c scripts/constraints.txt)
 [ -z "${TORCH_SPEC:-}" ] || pins=()
-.venv/bin/python -m pip install -q "${pins[@]}" -e ".[server,langchain,dev]"
+.venv/bin/python -m pip install -q "${pins[@]}" -e ".[server,langchain,llamaindex,haystack,eval,dev]"
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)  # the Node example

@@ -28,8 +28,8 @@ echo "== ruff"
 ruff check .
 ruff format --check client/lychee/rerank/client adapters server tests examples
 
-echo "== mypy (strict on the client and the adapter)"
-mypy client/lychee/rerank/client adapters/langchain_lychee
+echo "== mypy (strict on the client and the adapters)"
+mypy client/lychee/rerank/client adapters/langchain_lychee adapters/llamaindex_lychee adapters/haystack_lychee
 mypy server/lychee_server
 
 echo "== pytest"
