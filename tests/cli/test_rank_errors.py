@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -198,3 +199,21 @@ def test_help_documents_skip_bad() -> None:
     assert "--skip-bad" in text
     assert "exit status is 0" in text and "exit status 1" in text
     assert ".gif .bmp .tif .tiff" in text
+
+
+def test_model_that_cannot_load_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text")
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "lychee_server.cli", "rank", str(tmp_path / "a.txt"), "--query", "q"),
+            *("--model", str(tmp_path / "no-such-model"), "--device", "cpu"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lychee-rerank rank: could not load"), proc.stderr
