@@ -285,6 +285,7 @@ def make_settings(model: str | Path = "fake", **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
+        "http_port": 0,
         "metrics_host": "127.0.0.1",
         "decode_threads": 2,
         "grace_period_s": 5.0,
@@ -377,6 +378,7 @@ class SubprocessServer:
     port: int
     metrics_port: int | None
     lines: list[str] = field(default_factory=list)
+    http_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -396,6 +398,7 @@ def spawn_cli_server(model: str | Path, env: dict[str, str] | None = None) -> su
             "LYCHEE_HOST": "127.0.0.1",
             "LYCHEE_PORT": "0",
             "LYCHEE_METRICS_PORT": "0",
+            "LYCHEE_HTTP_PORT": "0",
             "LYCHEE_DECODE_THREADS": "1",
             "LYCHEE_LOG_LEVEL": "INFO",
         }
@@ -444,11 +447,13 @@ def subprocess_server(
         if not found.wait(startup_timeout) or not ready:
             raise AssertionError("server subprocess did not report serving:\n" + "\n".join(lines[-50:]))
         metrics_port = ready.get("metrics_port")
+        http_port = ready.get("http_port")
         yield SubprocessServer(
             proc=proc,
             port=int(ready["port"]),
             metrics_port=int(metrics_port) if metrics_port is not None else None,
             lines=lines,
+            http_port=int(http_port) if http_port is not None else None,
         )
     finally:
         if proc.poll() is None:

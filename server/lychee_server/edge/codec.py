@@ -16,6 +16,9 @@ values out of the messages and name their paths: the rules and defaults live in
 from __future__ import annotations
 
 import functools
+import heapq
+import itertools
+from typing import TypeVar
 
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -24,18 +27,22 @@ from google.protobuf.message import DecodeError, Message
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge import parts
-from lychee_server.edge.validation import Collector, Slot
+from lychee_server.edge.validation import Collector, Slot, utf8_len
 from lychee_server.errors import FieldViolation, InvalidInput
 from lychee_server.settings import Settings
 
 __all__ = [
     "MEDIA_TYPES",
     "SCORE_KINDS",
+    "check_response_size",
     "content_from_pb",
+    "decode_message",
     "decode_request",
+    "decode_stream_request",
     "instruction_from_pb",
     "job_from_pb",
     "options_from_pb",
+    "require_response_fits",
     "result_to_pb",
     "result_to_stream_pb",
     "server_info_to_pb",
@@ -137,30 +144,63 @@ def options_from_pb(opts: pb.RerankOptions, path: str, c: Collector) -> domain.R
 # instead of gRPC's generic "Exception deserializing request!".
 
 
-def decode_request(data: bytes, *, request_id: str = "") -> pb.RerankRequest:
+def decode_request(data: bytes, *, request_id: str = "", max_items: int | None = None) -> pb.RerankRequest:
     """Parse wire bytes into a ``RerankRequest`` or raise ``InvalidInput``.
 
     Protobuf rejects a string field holding invalid UTF-8 without saying which; we then re-parse
-    with a variant schema whose strings are bytes to name the field (reason INVALID_UTF8). Bytes
-    that are not a message at all are INVALID_ARGUMENT on the path ``request``.
+    with a variant schema whose strings are bytes to name the field (reason INVALID_UTF8). The
+    search looks at no more than ``max_items`` entries of any repeated field (pass
+    ``max_documents``): a bad string beyond them is reported on ``request``. Bytes that are not a
+    message at all are INVALID_ARGUMENT on the path ``request``.
     """
+    return decode_message(data, pb.RerankRequest, request_id=request_id, max_items=max_items)
+
+
+def decode_stream_request(
+    data: bytes | pb.RerankStreamRequest, index: int, request_id: str = ""
+) -> pb.RerankStreamRequest:
+    """One ``RerankStream`` message from wire bytes (``index``: its position, for the message)."""
+    if isinstance(data, pb.RerankStreamRequest):
+        return data
+    return decode_message(data, pb.RerankStreamRequest, request_id=request_id, what=f"stream message {index}")
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def decode_message(
+    data: bytes,
+    cls: type[_M],
+    *,
+    request_id: str = "",
+    what: str = "the request bytes",
+    max_items: int | None = None,
+) -> _M:
+    """Parse ``data`` as ``cls`` (a message of rerank.proto) or raise ``InvalidInput``:
+    INVALID_UTF8 on the bad string's path, else INVALID_ARGUMENT on ``request``."""
     try:
-        return pb.RerankRequest.FromString(data)
+        return cls.FromString(data)
     except DecodeError:
         pass
     metadata = {"request_id": request_id} if request_id else {}
-    bad = _find_bad_utf8(data, pb.RerankRequest.DESCRIPTOR)
+    name = cls.DESCRIPTOR.name
+    descriptor = pb.DESCRIPTOR.message_types_by_name[name]
+    bad = _find_bad_utf8(data, descriptor, max_items)
     if bad is not None:
+        where = bad or "request"
+        description = "is not valid UTF-8"
+        if not bad:
+            description = f"a string field is not valid UTF-8 (not within the first {max_items} items)"
         raise InvalidInput(
-            f"{bad}: is not valid UTF-8",
+            f"{where}: {description}",
             reason="INVALID_UTF8",
-            violations=[FieldViolation(bad, "is not valid UTF-8", "INVALID_UTF8")],
+            violations=[FieldViolation(where, description, "INVALID_UTF8")],
             metadata=metadata,
         )
     raise InvalidInput(
-        "the request bytes are not a valid RerankRequest",
+        f"{what} are not a valid {name}" if what == "the request bytes" else f"{what} is not a valid {name}",
         reason="INVALID_ARGUMENT",
-        violations=[FieldViolation("request", "is not a valid RerankRequest encoding", "INVALID_ARGUMENT")],
+        violations=[FieldViolation("request", f"is not a valid {name} encoding", "INVALID_ARGUMENT")],
         metadata=metadata,
     )
 
@@ -180,30 +220,34 @@ def _bytes_variant(full_name: str) -> type[Message]:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
 
 
-def _find_bad_utf8(data: bytes, descriptor: Descriptor) -> str | None:
+def _find_bad_utf8(data: bytes, descriptor: Descriptor, max_items: int | None) -> str | None:
+    """The path of the first string that is not UTF-8; ``""`` when the bytes are a valid message
+    apart from UTF-8 but the bad string is past ``max_items`` entries of a repeated field; ``None``
+    when they are no message at all."""
     try:
         msg = _bytes_variant(descriptor.full_name).FromString(data)
     except DecodeError:
         return None
-    return _walk_bad_utf8(msg, descriptor, "")
+    found = _walk_bad_utf8(msg, descriptor, "", max_items)
+    return "" if found is None else found
 
 
-def _walk_bad_utf8(msg: Message, original: Descriptor, prefix: str) -> str | None:
+def _walk_bad_utf8(msg: Message, original: Descriptor, prefix: str, max_items: int | None) -> str | None:
     for fld, value in msg.ListFields():
         orig = original.fields_by_name[fld.name]
         path = f"{prefix}.{fld.name}" if prefix else fld.name
+        repeated = _is_repeated(fld)
+        values = itertools.islice(value, max_items) if repeated else [value]
         if orig.type == FieldDescriptor.TYPE_STRING:
-            values = value if _is_repeated(fld) else [value]
             for i, raw in enumerate(values):
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    return f"{path}[{i}]" if _is_repeated(fld) else path
+                    return f"{path}[{i}]" if repeated else path
         elif orig.message_type is not None and orig.message_type.file is pb.DESCRIPTOR:
-            children = value if _is_repeated(fld) else [value]
-            for i, child in enumerate(children):
+            for i, child in enumerate(values):
                 found = _walk_bad_utf8(
-                    child, orig.message_type, f"{path}[{i}]" if _is_repeated(fld) else path
+                    child, orig.message_type, f"{path}[{i}]" if repeated else path, max_items
                 )
                 if found is not None:
                     return found
@@ -216,6 +260,64 @@ def _is_repeated(fld: FieldDescriptor) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Responses
+
+
+# Bytes a RankedDocument costs besides its id and text: the entry's tag and length, index, score,
+# truncated, and the id/text tags and lengths (varints at their widest for these sizes).
+_RESULT_OVERHEAD = 32
+# Usage, timings, the model id and the message framing.
+_RESPONSE_OVERHEAD = 1024
+
+
+def response_size_bound(job: domain.RerankJob) -> int:
+    """An upper bound on the encoded size of the job's response (either RPC), known before scoring.
+
+    Each result carries its id and, with ``return_text``, its text; with ``top_n`` only the
+    ``top_n`` largest results are counted (which documents rank first is not known yet).
+    ``isascii`` is O(1) in CPython, so ASCII texts are measured without encoding them.
+    """
+    return_text = job.options.return_text
+
+    def cost(doc: domain.Document) -> int:
+        size = _RESULT_OVERHEAD
+        if doc.id is not None:
+            size += utf8_len(doc.id)
+        text = doc.content.text
+        if return_text and text is not None:
+            size += len(text) if text.isascii() else utf8_len(text)
+        return size
+
+    sizes = (cost(d) for d in job.documents)
+    top_n = job.options.top_n
+    total = sum(heapq.nlargest(top_n, sizes)) if top_n is not None else sum(sizes)
+    return total + _RESPONSE_OVERHEAD
+
+
+def check_response_size(job: domain.RerankJob, limit: int, *, request_id: str = "") -> None:
+    """INVALID_ARGUMENT / RESPONSE_TOO_LARGE before any scoring when the answer could not be sent."""
+    bound = response_size_bound(job)
+    if bound > limit:
+        _too_large(bound, limit, request_id, estimated=True)
+
+
+def require_response_fits(size: int, limit: int, *, request_id: str = "") -> None:
+    """The same error for a rendered response (the backstop after scoring)."""
+    if size > limit:
+        _too_large(size, limit, request_id, estimated=False)
+
+
+def _too_large(size: int, limit: int, request_id: str, *, estimated: bool) -> None:
+    would = "could be up to" if estimated else "would be"
+    description = (
+        f"the response {would} {size} bytes, over max_message_bytes {limit}; "
+        "ask for fewer results (options.top_n) or no texts (options.return_text)"
+    )
+    raise InvalidInput(
+        description,
+        reason="RESPONSE_TOO_LARGE",
+        violations=[FieldViolation("options.return_text", description, "RESPONSE_TOO_LARGE")],
+        metadata={"request_id": request_id} if request_id else {},
+    )
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -259,22 +361,7 @@ def result_to_stream_pb(result: domain.RerankResult) -> pb.RerankStreamResponse:
 
 def server_info_to_pb(info: domain.EngineInfo, settings: Settings, version: str) -> pb.GetServerInfoResponse:
     """Describe the engine and the limits in force (the same Settings the validator enforces)."""
-    limits = pb.Limits(
-        max_documents=settings.max_documents,
-        max_instruction_bytes=settings.max_instruction_bytes,
-        max_text_bytes=settings.max_text_bytes,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-        max_id_bytes=settings.max_id_bytes,
-        max_message_bytes=settings.max_message_bytes,
-        max_request_bytes=settings.max_request_bytes,
-        max_chunk_bytes=settings.max_chunk_bytes,
-        max_length=settings.max_length,
-        default_max_length=settings.default_max_length,
-        min_pixels=info.min_pixels,
-        max_pixels=info.max_pixels,
-        media_types=sorted(MEDIA_TYPES),
-    )
+    limits = pb.Limits(**parts.limits(settings, info), media_types=sorted(MEDIA_TYPES))
     return pb.GetServerInfoResponse(
         model_id=info.model_id,
         model_revision=info.model_revision,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from lychee_server import domain
 from lychee_server.edge.validation import Collector, Slot, utf8_len
+from lychee_server.settings import Settings
 
 __all__ = [
     "MEDIA_TYPE_NUMBERS",
@@ -27,6 +28,7 @@ __all__ = [
     "document_id",
     "image",
     "instruction",
+    "limits",
     "options",
     "text",
 ]
@@ -118,3 +120,22 @@ def options(
         length = max_length
         c.check(Slot.MAX_LENGTH, path("max_length"), max_length)
     return domain.RerankOptions(top_n=top_n, score_kind=kind, max_length=length, return_text=return_text)
+
+
+def limits(settings: Settings, info: domain.EngineInfo) -> dict[str, int]:
+    """The request limits in force, as both doors report them (GetServerInfo, ``GET /v1/info``)."""
+    return {
+        "max_documents": settings.max_documents,
+        "max_instruction_bytes": settings.max_instruction_bytes,
+        "max_text_bytes": settings.max_text_bytes,
+        "max_image_bytes": settings.max_image_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+        "max_id_bytes": settings.max_id_bytes,
+        "max_message_bytes": settings.max_message_bytes,
+        "max_request_bytes": settings.max_request_bytes,
+        "max_chunk_bytes": settings.max_chunk_bytes,
+        "max_length": settings.max_length,
+        "default_max_length": settings.default_max_length,
+        "min_pixels": info.min_pixels,
+        "max_pixels": info.max_pixels,
+    }

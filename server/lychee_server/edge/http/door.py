@@ -1,0 +1,504 @@
+"""The HTTP/JSON door: routes of the Cohere/Jina (``/v1/rerank``, ``/v2/rerank``) and TEI
+(``/rerank``) reranking APIs, plus health, info, models, metrics and OpenAPI, over the same
+:class:`~lychee_server.edge.gate.Gate` (and so the same scheduler, engine, limits, error table,
+metrics and drain) as the gRPC door.
+
+Why FastAPI on uvicorn: it is the field's well-kept ASGI stack (vLLM, SGLang, Infinity and TEI's
+Python peers use it), it runs on the very asyncio loop grpc.aio uses, and it renders OpenAPI and
+interactive docs from the models in :mod:`.schema`. FastAPI does not parse our bodies, though: a
+route reads the body itself under the byte limit and the deadline, then :mod:`.jsoncodec` parses
+it (in a worker thread when it is large, so one big body cannot stall the loop that also serves
+gRPC) and applies the shared rule table.
+
+Every route runs inside :meth:`HttpDoor._run`: request id (``x-request-id`` in, and out on every
+answer), the gate's call accounting (metrics with ``transport="http"``, one log line), errors
+through the one status table (:func:`lychee_server.edge.status.to_http`), and cancellation: when
+the client disconnects while its job is queued or running, the job is cancelled (the scheduler
+drops its work) and the call is logged as CANCELLED (499).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lychee_server import domain, errors
+from lychee_server.edge import parts
+from lychee_server.edge.auth import KeySet, bearer_token, rejection
+from lychee_server.edge.gate import REQUEST_ID_KEY, Call, Gate, request_id_from
+from lychee_server.edge.http import jsoncodec, schema
+from lychee_server.edge.status import TABLE, http_error_for_exception, to_http
+from lychee_server.edge.validation import render_rules_markdown
+from lychee_server.metrics import Metrics
+from lychee_server.settings import Settings
+
+__all__ = ["OPEN_PATHS", "TRANSPORT", "HttpDoor"]
+
+TRANSPORT = "http"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+"""Routes answered without a bearer token (probes and the public contract); all else is closed."""
+
+THREAD_PARSE_BYTES = 1024 * 1024
+"""Bodies larger than this are parsed and validated on a worker thread, not on the event loop."""
+BODY_IDLE_TIMEOUT_S = 30.0
+"""A request body that sends nothing for this long is refused (a stalled upload holds nothing)."""
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(exc: BaseException, request_id: str) -> tuple[Response, str]:
+    """The one way an error leaves this door: (response, gRPC code name for metrics/logs)."""
+    err = http_error_for_exception(exc, request_id=request_id)
+    lychee = exc if isinstance(exc, errors.LycheeError) else None
+    code = TABLE[lychee.code].grpc.name if lychee is not None else "INTERNAL"
+    return _json(err.body, err.status, err.headers), code
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    headers = scope.get("headers", ())
+    return bearer_token((bytes(k).decode("latin-1"), bytes(v)) for k, v in headers)
+
+
+class _AuthMiddleware:
+    """Bearer-token check before routing and before any body byte is read (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, keys: KeySet, metrics: Metrics) -> None:
+        self.app = app
+        self.keys = keys
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope)
+        if self.keys.verify(token):
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(_header(scope, b"x-request-id"))
+        self.metrics.requests.labels(scope.get("path", ""), "UNAUTHENTICATED", TRANSPORT).inc()
+        response, _ = _error_response(rejection(token), request_id)
+        await response(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _deadline(request: Request, settings: Settings) -> float | None:
+    """``X-Request-Timeout`` (seconds) or the ``http_timeout_s`` default, as a monotonic deadline."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return None if settings.http_timeout_s is None else time.monotonic() + settings.http_timeout_s
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (0 < seconds < 1e7):
+        raise errors.InvalidInput(
+            "X-Request-Timeout must be a positive number of seconds",
+            violations=[errors.FieldViolation("X-Request-Timeout", "must be a positive number of seconds")],
+        )
+    return time.monotonic() + seconds
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class HttpDoor:
+    """The FastAPI application of the HTTP door (serve it with :class:`.server.HttpServer`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        gate: Gate,
+        metrics: Metrics,
+        *,
+        version: str = "",
+        keys: KeySet | None = None,
+        fetcher: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.gate = gate
+        self.metrics = metrics
+        self.version = version
+        self.fetcher = fetcher
+        self.app = self._build()
+        self.asgi: ASGIApp = self.app if keys is None else _AuthMiddleware(self.app, keys, metrics)
+
+    # ------------------------------------------------------------------ the one wrapper
+    async def _run(
+        self, request: Request, method: str, body: Callable[[Call], Awaitable[Response]]
+    ) -> Response:
+        peer = f"{request.client.host}:{request.client.port}" if request.client else ""
+        with self.gate.call(
+            method, TRANSPORT, request_id_from(request.headers.get(REQUEST_ID_KEY)), peer
+        ) as call:
+            try:
+                response = await body(call)
+            except _ClientGone:
+                call.code = "CANCELLED"
+                return Response(status_code=499)  # nobody reads it; for the access log only
+            except Exception as exc:
+                response, call.code = _error_response(exc, call.request_id)
+                return response
+            response.headers[REQUEST_ID_KEY] = call.request_id
+            return response
+
+    async def _read_body(self, request: Request, deadline: float | None) -> bytes:
+        """The body, refused with 413 past the limit (by Content-Length before reading, else as the
+        bytes arrive) and with 504 when it stalls or outlives the deadline."""
+        limit = self.settings.http_max_body_bytes
+        too_large = errors.InvalidInput(
+            f"the request body is over the {limit}-byte limit",
+            reason="REQUEST_TOO_LARGE",
+            violations=[
+                errors.FieldViolation("body", f"is over the {limit}-byte limit", "REQUEST_TOO_LARGE")
+            ],
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        stream = request.stream().__aiter__()
+        while True:
+            remaining = _remaining(deadline)
+            wait = BODY_IDLE_TIMEOUT_S if remaining is None else min(BODY_IDLE_TIMEOUT_S, remaining)
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.0))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise errors.DeadlineExceeded(
+                    "the request body did not arrive in time", reason="DEADLINE_EXCEEDED"
+                ) from None
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _off_loop(self, size: int, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run CPU work proportional to the body on a thread when the body is large."""
+        if size > THREAD_PARSE_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _until_done_or_gone(self, request: Request, work: Coroutine[Any, Any, _T]) -> _T:
+        """Await ``work``; if the client disconnects first, cancel it (the scheduler drops the job)."""
+        task = asyncio.ensure_future(work)
+
+        async def gone() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher = asyncio.ensure_future(gone())
+        try:
+            done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _ClientGone()
+
+    async def _fetch_images(
+        self, req: schema.RerankIn, deadline: float | None, request_id: str
+    ) -> dict[str, bytes]:
+        refs = jsoncodec.image_urls(req)
+        if not refs:
+            return {}
+        if not self.settings.image_url_fetch or self.fetcher is None:
+            violations = [
+                errors.FieldViolation(
+                    r.path,
+                    "image URLs are off on this server: send the image as base64 or a data: URI, or "
+                    "start the server with --image-url-fetch (LYCHEE_IMAGE_URL_FETCH=1)",
+                    "IMAGE_URL_DISABLED",
+                )
+                for r in refs
+            ]
+            raise errors.InvalidInput(
+                f"{refs[0].path}: image URLs are off on this server (--image-url-fetch turns them on)",
+                reason="IMAGE_URL_DISABLED",
+                violations=violations,
+                metadata={"request_id": request_id},
+            )
+        if len(refs) > self.settings.max_documents + 1:
+            raise errors.InvalidInput(
+                "too many image URLs",
+                reason="TOO_MANY_DOCUMENTS",
+                violations=[errors.FieldViolation("documents", "too many image URLs", "TOO_MANY_DOCUMENTS")],
+            )
+        results = await asyncio.gather(
+            *(self.fetcher.fetch(r.url, path=r.path, deadline=deadline) for r in refs), return_exceptions=True
+        )
+        fetched: dict[str, bytes] = {}
+        failures: list[errors.LycheeError] = []
+        for ref, got in zip(refs, results, strict=True):
+            if isinstance(got, errors.LycheeError):
+                failures.append(got)
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                fetched[ref.path] = got
+        if failures:
+            violations = [
+                v for f in failures for v in (f.violations or (errors.FieldViolation("", f.message),))
+            ]
+            raise errors.InvalidInput(
+                failures[0].message,
+                reason=failures[0].reason,
+                violations=violations,
+                metadata={"request_id": request_id},
+            )
+        return fetched
+
+    # ------------------------------------------------------------------ rerank bodies
+    async def _parse(
+        self, request: Request, model: type[_M], deadline: float | None, call: Call
+    ) -> tuple[_M, int]:
+        self.gate.require_serving()  # refuse before reading a body the server cannot use
+        body = await self._read_body(request, deadline)
+        parsed = await self._off_loop(
+            len(body), lambda: jsoncodec.parse(body, model, request_id=call.request_id)
+        )
+        return parsed, len(body)
+
+    async def _rerank(self, request: Request, call: Call) -> Response:
+        t0 = time.monotonic()
+        deadline = _deadline(request, self.settings)
+        req, size = await self._parse(request, schema.RerankIn, deadline, call)
+        fetched = await self._fetch_images(req, deadline, call.request_id)
+        size += sum(len(b) for b in fetched.values())
+        job = await self._off_loop(
+            size,
+            lambda: jsoncodec.job_from_rerank(
+                req, self.settings, request_id=call.request_id, fetched=fetched
+            ),
+        )
+        result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
+        warnings = [f"unknown field '{name}' was ignored" for name in jsoncodec.unknown_fields(req)]
+        body = jsoncodec.rerank_body(
+            _with_total(result, t0),
+            request_id=call.request_id,
+            warnings=warnings,
+            return_documents=req.return_documents,
+        )
+        return _json(body)
+
+    async def _tei(self, request: Request, call: Call) -> Response:
+        deadline = _deadline(request, self.settings)
+        req, size = await self._parse(request, schema.TeiRerankIn, deadline, call)
+        job = await self._off_loop(
+            size, lambda: jsoncodec.job_from_tei(req, self.settings, request_id=call.request_id)
+        )
+        result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
+        return _json(jsoncodec.tei_body(result, return_text=req.return_text))
+
+    async def _info(self, call: Call) -> Response:
+        info = self.gate.info
+        return _json(
+            {
+                "model_id": info.model_id,
+                "model_revision": info.model_revision,
+                "dtype": info.dtype,
+                "device": info.device,
+                "query_modalities": sorted(m.value for m in info.query_modalities),
+                "document_modalities": sorted(m.value for m in info.document_modalities),
+                "limits": {
+                    **parts.limits(self.settings, info),
+                    "max_body_bytes": self.settings.http_max_body_bytes,
+                    "media_types": sorted(t.value for t in parts.MEDIA_TYPE_NUMBERS.values()),
+                },
+                "server_version": self.version,
+                "random_weights": info.random_weights,
+                "image_url_fetch": self.settings.image_url_fetch,
+            }
+        )
+
+    # ------------------------------------------------------------------ the application
+    def _build(self) -> FastAPI:
+        app = FastAPI(
+            title="lychee-rerank",
+            version=self.version or "0",
+            summary="Multimodal reranking (Lychee, Qwen2.5-VL) over HTTP/JSON: Cohere, Jina and TEI shapes.",
+            description=_DESCRIPTION + "\n\n### Request limits\n\n" + render_rules_markdown(),
+        )
+        errors_doc: dict[int | str, dict[str, Any]] = {
+            status: {"model": schema.ErrorBody, "description": text}
+            for status, text in _ERROR_STATUSES.items()
+        }
+
+        def rerank_route(path: str) -> None:
+            @app.post(
+                path,
+                response_model=schema.RerankOut,
+                responses=errors_doc,
+                openapi_extra=_body_doc(schema.RerankIn),
+                summary="Rank documents against a query (Cohere / Jina shape)",
+                name=f"rerank {path}",
+            )
+            async def rerank(request: Request) -> Response:
+                return await self._run(request, path, lambda call: self._rerank(request, call))
+
+        rerank_route("/v1/rerank")
+        rerank_route("/v2/rerank")
+
+        @app.post(
+            "/rerank",
+            response_model=list[schema.TeiResultOut],
+            responses=errors_doc,
+            openapi_extra=_body_doc(schema.TeiRerankIn),
+            summary="Rank texts against a query (Hugging Face TEI shape)",
+        )
+        async def tei_rerank(request: Request) -> Response:
+            return await self._run(request, "/rerank", lambda call: self._tei(request, call))
+
+        @app.get("/healthz", summary="The process is up (answers while the model loads, too)")
+        async def healthz() -> Response:
+            return _json({"status": "ok"})
+
+        @app.get("/readyz", summary="200 only when the model is warm and the server is not draining")
+        async def readyz() -> Response:
+            if self.gate.ready:
+                return _json({"status": "serving"})
+            state = self.gate.state.value
+            return _json({"status": state}, 503, {"retry-after": "1"})
+
+        @app.get("/v1/models", response_model=schema.ModelList, summary="The served model")
+        async def models(request: Request) -> Response:
+            async def body(call: Call) -> Response:
+                card = schema.ModelCard(id=self.gate.info.model_id)
+                return _json(schema.ModelList(data=[card]).model_dump())
+
+            return await self._run(request, "/v1/models", body)
+
+        @app.get("/v1/info", summary="The model, its modalities and the request limits in force")
+        async def info(request: Request) -> Response:
+            return await self._run(request, "/v1/info", self._info)
+
+        @app.get("/metrics", summary="Prometheus metrics (the same registry as the metrics port)")
+        async def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            status = exc.status_code if isinstance(exc, StarletteHTTPException) else 404
+            word = "no such route" if status == 404 else "method not allowed"
+            err = errors.NotFound(f"{word}: {request.method} {request.url.path}")
+            rendered = to_http(err, request_id=request_id_from(request.headers.get(REQUEST_ID_KEY)))
+            return _json(rendered.body, status, rendered.headers)
+
+        async def invalid(request: Request, exc: Exception) -> Response:  # pragma: no cover - no body params
+            response, _ = _error_response(errors.InvalidInput("invalid request"), "")
+            return response
+
+        app.add_exception_handler(StarletteHTTPException, not_found)
+        app.add_exception_handler(RequestValidationError, invalid)
+
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                spec = get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    summary=app.summary,
+                    description=app.description,
+                    routes=app.routes,
+                )
+                components = spec.setdefault("components", {}).setdefault("schemas", {})
+                for model in (schema.RerankIn, schema.TeiRerankIn):
+                    components.update(_defs(model))
+                spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                app.openapi_schema = spec
+            built: dict[str, Any] = app.openapi_schema
+            return built
+
+        app.openapi = openapi  # type: ignore[method-assign]
+        return app
+
+
+def _with_total(result: domain.RerankResult, t0: float) -> domain.RerankResult:
+    from dataclasses import replace
+
+    return replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _defs(model: type[BaseModel]) -> dict[str, Any]:
+    js = model.model_json_schema(ref_template=_REF)
+    defs = js.pop("$defs", {})
+    defs[model.__name__] = js
+    return defs
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` declaring the JSON body the route reads itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}},
+        }
+    }
+
+
+_ERROR_STATUSES: dict[int | str, str] = {
+    400: "Invalid request (reason and field_violations say what and where)",
+    401: "Missing or invalid bearer token",
+    413: "Body over the size limit",
+    422: "The loaded model does not accept this modality",
+    429: "Overloaded: retry after Retry-After seconds",
+    499: "The client went away (logged only)",
+    500: "Internal error",
+    503: "Loading or draining: retry after Retry-After seconds",
+    504: "Deadline exceeded",
+}
+
+_DESCRIPTION = """\
+Scores every (query, document) pair with the Lychee reranker's published recipe — p("yes") from
+the softmax over the (no, yes) logits — and returns the documents ranked. The same scheduler,
+limits and error reasons as the gRPC service `lychee.rerank.v1.RerankService`.
+
+* `POST /v1/rerank`, `POST /v2/rerank`: Cohere (v1, v2) and Jina request/answer shapes; documents
+  and the query may be strings or objects with `text` and/or `image` (base64 or a data: URI).
+* `POST /rerank`: Hugging Face TEI shape.
+* Deadline: header `X-Request-Timeout: <seconds>`. Request id: header `x-request-id` (echoed).
+* Errors: JSON `{message, reason, code, request_id, field_violations[{field, description, reason}]}`;
+  429 and 503 carry `Retry-After`.
+* Auth (when the server has keys): `Authorization: Bearer <key>`.
+"""
