@@ -462,7 +462,7 @@ _REF = "#/components/schemas/{model}"
 
 def _defs(model: type[BaseModel]) -> dict[str, Any]:
     js = model.model_json_schema(ref_template=_REF)
-    defs = js.pop("$defs", {})
+    defs: dict[str, Any] = js.pop("$defs", {})
     defs[model.__name__] = js
     return defs
 
