@@ -333,7 +333,19 @@ class Scheduler:
 
     @staticmethod
     def _prep_error(exc: BaseException, where: str) -> errors.LycheeError:
-        """Input problems point at the offending field; anything unexpected is a server fault."""
+        """Input problems point at the offending field; anything unexpected is a server fault.
+
+        A query-preparation error that already names the ``instruction`` (the engine knows which
+        part of the prefix was at fault) keeps that top-level path instead of moving under
+        ``query``.
+        """
+        if (
+            where == "query"
+            and isinstance(exc, errors.InvalidInput)
+            and exc.violations
+            and all(v.field == "instruction" or v.field.startswith("instruction.") for v in exc.violations)
+        ):
+            return exc
         if isinstance(exc, errors.InvalidInput | errors.Unsupported):
             if not exc.violations and exc.reason.startswith("IMAGE_"):
                 # An engine error about "the image" that names no field: every IMAGE_* reason is
@@ -365,6 +377,15 @@ class Scheduler:
         """The request has its answer: stop all of its remaining work."""
         self._preparing -= req.undelivered
         req.undelivered = 0
+        if req.prep_futures or req.query_future is not None:
+            # A preparation may be decoding one of its images right now: the engine can stop it
+            # (a decode worker is killed, queued decodes never start) instead of letting it run on.
+            cancel = getattr(self._engine, "cancel", None)
+            if callable(cancel):
+                try:
+                    cancel(req.job.query)
+                except Exception:
+                    log.exception("engine.cancel failed")
         for fut in list(req.prep_futures):
             fut.cancel()  # a running preparation finishes; a queued one never starts
         if req.query_future is not None:
