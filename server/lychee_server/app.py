@@ -36,10 +36,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from lychee_server.edge.auth import BearerAuthInterceptor
 from lychee_server.edge.gate import Gate
+from lychee_server.edge.reflection import enable_reflection
 from lychee_server.edge.service import SERVICE_NAME, RerankService, add_to_server
 from lychee_server.engine.interface import Engine
 from lychee_server.errors import LycheeError
@@ -113,17 +113,17 @@ class LycheeServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
+                # Calls grpc core holds before the application takes them: past the soft limit it
+                # drops calls at random with a bare CANCELLED (from 1,000 by default), before
+                # our admission (max_concurrent_calls -> RESOURCE_EXHAUSTED + RetryInfo) sees them.
+                ("grpc.server.max_pending_requests", 16 * settings.max_concurrent_calls),
+                ("grpc.server.max_pending_requests_hard_limit", 32 * settings.max_concurrent_calls),
             ],
         )
         add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
+        enable_reflection(  # grpc.reflection.v1 and v1alpha
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server
         )
 
     @property
