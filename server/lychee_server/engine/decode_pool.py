@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _MODULE = "lychee_server.engine.decode_pool"
 # Native libraries in the worker must not start thread pools of their own (one image, one core).
+_STARTUP_S = 60.0  # a worker's interpreter must boot within this (it takes ~0.1 s)
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -99,6 +100,7 @@ class _Worker:
         os.close(from_child_w)
         self.send = Connection(to_child_w, readable=False)
         self.recv = Connection(from_child_r, writable=False)
+        self.ready = False  # its "ready" message was read (the interpreter has booted)
         self.token: object | None = None  # the request a busy worker decodes for
         self.killed_for: str | None = None  # why the server killed it: "cancelled", "timeout", "closed"
 
@@ -159,6 +161,7 @@ class DecodePool:
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._spawning = 0
+        self._waiting = 0  # callers waiting for a free worker
         self._tokens: dict[int, _Token] = {}
         self._closed = False
         self.started = 0  # worker processes started so far (tests, metrics)
@@ -235,6 +238,18 @@ class DecodePool:
             worker.reap()
 
     @property
+    def busy(self) -> int:
+        """Workers decoding now."""
+        with self._cond:
+            return len(self._busy)
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a free worker."""
+        with self._cond:
+            return self._waiting
+
+    @property
     def live(self) -> int:
         """Worker processes alive or starting."""
         with self._cond:
@@ -274,7 +289,11 @@ class DecodePool:
                 if len(self._busy) + self._spawning < self.processes:
                     self._spawning += 1
                     break
-                self._cond.wait()
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
         try:
             worker = _Worker(self._config)
         except BaseException:
@@ -309,6 +328,12 @@ class DecodePool:
         """Send ``image`` to ``worker`` and wait for its answer; (image, worker is done for)."""
         start = time.monotonic()
         try:
+            if not worker.ready:  # boot time is not decode time: the budget starts after it
+                if not wait([worker.recv], _STARTUP_S) or worker.recv.recv_bytes() != b"ready":
+                    worker.kill("startup")
+                    raise EOFError("the decoder process did not start")
+                worker.ready = True
+                start = time.monotonic()
             worker.send.send_bytes(image.media_type.value.encode())
             worker.send.send_bytes(image.data)
             if not wait([worker.recv], self.timeout_s):
@@ -418,6 +443,7 @@ def _worker_main(argv: list[str]) -> int:
     send = Connection(wfd, readable=False)
     _cap_address_space(config.address_space_bytes)
     baseline = _rss_bytes()
+    send.send_bytes(b"ready")
     watchdog = config.timeout_s + 2.0  # the server kills first; this is for a server that cannot
     while True:
         try:
