@@ -165,6 +165,21 @@ def _config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS"
 
 
+def _declare_random_in_headers(directory: Path) -> None:
+    """Add ``lychee.random_weights`` to the header of every safetensors file in ``directory``, so
+    the weights declare themselves random even when copied without the marker file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lychee_server.engine.loading import RANDOM_WEIGHTS_METADATA
+
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        meta[RANDOM_WEIGHTS_METADATA] = "true"
+        save_file(load_file(str(path)), str(path), metadata=meta)
+
+
 def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint to ``path`` (created) and return it.
 
@@ -233,6 +248,7 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
             else:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     model.to(torch.float32).save_pretrained(out, safe_serialization=True)
+    _declare_random_in_headers(out)
     # Declares the weights random, so a server loading this directory reports random_weights and
     # clients (the knowledge-base example) can say that its scores carry no meaning.
     (out / RANDOM_WEIGHTS_MARKER).write_text("random weights: a test checkpoint; scores carry no meaning\n")

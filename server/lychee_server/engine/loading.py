@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,21 @@ import torch
 from lychee_server.errors import Unavailable
 from lychee_server.settings import Settings
 
-__all__ = ["BUILTIN_SHAPES", "LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "BUILTIN_SHAPES",
+    "RANDOM_WEIGHTS_METADATA",
+    "LoadedModel",
+    "ModelLoadError",
+    "load_model",
+    "looks_untrained",
+    "random_weights_evidence",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+# Key in the safetensors header of a weights file whose tensors are random (engine.checkpoint writes
+# it): it travels with the weights even when the directory around them (and its marker) does not.
+RANDOM_WEIGHTS_METADATA = "lychee.random_weights"
 
 
 class ModelLoadError(Unavailable):
@@ -115,6 +130,7 @@ class LoadedModel:
     model_id: str
     revision: str
     random_weights: bool = False
+    random_weights_evidence: str = ""  # why random_weights is set (see random_weights_evidence)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -148,6 +164,90 @@ def _set_pixel_bounds(processor: Any, min_pixels: int, max_pixels: int) -> None:
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if getattr(ip, name, None) is not None:
             setattr(ip, name, value)
+
+
+def looks_untrained(rows: torch.Tensor, init_std: float, sigmas: float = 6.0) -> bool:
+    """True when ``rows`` (the ``no``/``yes`` rows of lm_head, (2, hidden)) are indistinguishable
+    from transformers' untrained initialisation, i.i.d. N(0, ``init_std``²).
+
+    Four tests, each at ``sigmas`` standard errors so a true random init passes all of them with
+    probability ~1 - 1e-8: the standard deviation equals ``init_std``, the mean is 0, the two rows
+    are uncorrelated, and the excess kurtosis is that of a Gaussian (0). Training moves every one
+    of these: trained unembedding rows have their own scale, share directions (frequent answer
+    tokens are strongly correlated) and are heavy-tailed (a few outlier dimensions), so a trained
+    checkpoint passing all four at once is implausible. Weights that are random but not of that
+    init (our test checkpoints use other scales) are declared by metadata or marker instead.
+    """
+    x = rows.detach().to("cpu", torch.float64)
+    if x.ndim != 2 or x.shape[0] != 2 or x.shape[1] < 16 or init_std <= 0:
+        return False
+    d = x.shape[1]
+    n = x.numel()
+    flat = x.flatten()
+    mean = float(flat.mean())
+    std = float(flat.std())
+    if std <= 0 or not math.isfinite(std):
+        return False
+    cos = float(torch.nn.functional.cosine_similarity(x[0], x[1], dim=0))
+    kurt = float((((flat - mean) / std) ** 4).mean()) - 3.0
+    return (
+        abs(std / init_std - 1.0) <= sigmas / math.sqrt(2 * n)
+        and abs(mean) <= sigmas * init_std / math.sqrt(n)
+        and abs(cos) <= sigmas / math.sqrt(d)
+        and abs(kurt) <= sigmas * math.sqrt(24.0 / n)
+    )
+
+
+def _metadata_flag(directory: Path) -> str:
+    """The name of a safetensors file in ``directory`` whose header declares random weights."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # unreadable header: from_pretrained reports it, not this check
+            continue
+        if meta.get(RANDOM_WEIGHTS_METADATA, "").lower() in ("1", "true", "yes"):
+            return path.name
+    return ""
+
+
+def random_weights_evidence(settings: Settings, model: Any, processor: Any) -> str:
+    """Why the loaded weights are random, or "" when nothing says so. In order:
+
+    1. ``settings.random_weights``: the model was built from its config, not loaded;
+    2. a local checkpoint declares it: the ``RANDOM_WEIGHTS`` marker file or the
+       ``lychee.random_weights`` field in a safetensors header (``make-test-checkpoint`` writes both);
+    3. the checkpoint itself: lm_head's ``no``/``yes`` rows, the only ones a Lychee score reads, look
+       like transformers' untrained initialisation (:func:`looks_untrained`), e.g. a model saved
+       right after ``Qwen2_5_VLForConditionalGeneration(config)``.
+    """
+    from lychee_server.engine.checkpoint import RANDOM_WEIGHTS_MARKER
+
+    if settings.random_weights:
+        return "built from the config with random weights (random_weights setting)"
+    directory = Path(settings.model)
+    if directory.is_dir():
+        if (directory / RANDOM_WEIGHTS_MARKER).is_file():
+            return f"the checkpoint has a {RANDOM_WEIGHTS_MARKER} marker file"
+        name = _metadata_flag(directory)
+        if name:
+            return f"{name} declares {RANDOM_WEIGHTS_METADATA} in its header"
+    try:
+        tok = processor.tokenizer
+        ids = [int(tok.convert_tokens_to_ids("no")), int(tok.convert_tokens_to_ids("yes"))]
+        weight = model.get_output_embeddings().weight
+        cfg = getattr(model.config, "text_config", None) or model.config
+        init_std = float(
+            getattr(cfg, "initializer_range", None) or getattr(model.config, "initializer_range", 0)
+        )
+        usable = weight.is_floating_point() and weight.device.type != "meta"
+        if usable and looks_untrained(weight[ids], init_std):
+            return "lm_head's no/yes rows are indistinguishable from an untrained initialisation"
+    except (AttributeError, TypeError, ValueError, IndexError, RuntimeError):
+        pass  # a model without the usual lm_head: no statistical verdict
+    return ""
 
 
 def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
@@ -233,6 +333,7 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         raise ModelLoadError(f"{hint} ({type(exc).__name__}: {exc})") from exc
     model.eval()
     model.requires_grad_(False)
+    evidence = random_weights_evidence(settings, model, processor)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -241,6 +342,6 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         attn_implementation=attn,
         model_id=source if shape is None else f"random:{shape}",
         revision=revision or "",
-        # A test checkpoint declares itself random with a marker file (engine.checkpoint).
-        random_weights=settings.random_weights or (Path(source) / "RANDOM_WEIGHTS").is_file(),
+        random_weights=bool(evidence),
+        random_weights_evidence=evidence,
     )
