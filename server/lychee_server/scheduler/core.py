@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lychee_server import errors
-from lychee_server.domain import RankedDocument, RerankJob, RerankResult, ScoreKind, Timings, Usage
+from lychee_server.domain import Content, RankedDocument, RerankJob, RerankResult, ScoreKind, Timings, Usage
 from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, probability
 from lychee_server.metrics import Metrics
 from lychee_server.settings import Settings
@@ -145,6 +145,9 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._prep_pool: cf.ThreadPoolExecutor | None = None
+        # Preparations that decode an image wait on the engine's decoder processes (up to their
+        # time budget): on threads of their own, so text-only work never queues behind them.
+        self._image_pool: cf.ThreadPoolExecutor | None = None
         self._device_pool: cf.ThreadPoolExecutor | None = None
         self._queue: collections.deque[_Item] = collections.deque()
         self._requests: set[_Request] = set()  # admitted, not yet retired
@@ -164,6 +167,9 @@ class Scheduler:
         self._model_id = self._engine.info.model_id
         self._prep_pool = cf.ThreadPoolExecutor(
             self._settings.decode_threads, thread_name_prefix="lychee-prep"
+        )
+        self._image_pool = cf.ThreadPoolExecutor(
+            self._settings.decode_threads, thread_name_prefix="lychee-image"
         )
         self._device_pool = cf.ThreadPoolExecutor(1, thread_name_prefix="lychee-device")
         self._task = asyncio.create_task(self._batch_loop(), name="lychee-batcher")
@@ -189,7 +195,7 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         # The device thread may be inside a forward pass: do not block the loop joining it.
-        for pool in (self._prep_pool, self._device_pool):
+        for pool in (self._prep_pool, self._image_pool, self._device_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
@@ -256,7 +262,7 @@ class Scheduler:
         self._preparing += n
         self._idle.clear()
         self._update_gauges()
-        req.query_future = self._prep_pool.submit(
+        req.query_future = self._pool_for(job.query).submit(
             _timed, self._engine.prepare_query, job.instruction, job.query, job.options.max_length, job.tenant
         )
         req.query_future.add_done_callback(self._from_thread(self._on_query_ready, req))
@@ -298,14 +304,20 @@ class Scheduler:
                     self._fill_prep_window(req)
         self._maybe_retire(req)
 
+    def _pool_for(self, content: Content) -> cf.ThreadPoolExecutor:
+        """The image threads for content with an image, the text threads otherwise."""
+        pool = self._image_pool if content.image is not None else self._prep_pool
+        assert pool is not None
+        return pool
+
     def _fill_prep_window(self, req: _Request) -> None:
-        pool = self._prep_pool
-        if pool is None or self._state is _State.STOPPED:
+        if self._prep_pool is None or self._state is _State.STOPPED:
             return
         while req.next_doc < req.n and len(req.prep_futures) < self._window:
             i = req.next_doc
             req.next_doc += 1
-            fut = pool.submit(_timed, self._engine.prepare_pair, req.pq, req.job.documents[i].content)
+            content = req.job.documents[i].content
+            fut = self._pool_for(content).submit(_timed, self._engine.prepare_pair, req.pq, content)
             req.prep_futures.add(fut)
             fut.add_done_callback(self._from_thread(self._on_pair_ready, req, i))
 
