@@ -148,8 +148,9 @@ def sniff_media_type(data: bytes) -> int:
     return 0
 
 
-def _decode_image_string(value: str, path: str, c: Collector) -> tuple[bytes, int] | None:
-    """Base64 or a ``data:`` URI -> (bytes, media type number); None after recording a violation."""
+def _decode_image_string(value: str, path: str, c: Collector) -> tuple[bytes, int | None] | None:
+    """Base64 or a ``data:`` URI -> (bytes, declared media type number or None); None after
+    recording a violation."""
     declared: int | None = None
     payload = value
     if value[:5].lower() == "data:":
@@ -167,7 +168,7 @@ def _decode_image_string(value: str, path: str, c: Collector) -> tuple[bytes, in
     except (binascii.Error, UnicodeEncodeError):
         c.add(path, "INVALID_BASE64", "is not valid base64 (nor a data: URI; URLs need --image-url-fetch)")
         return None
-    return data, declared if declared is not None else sniff_media_type(data)
+    return data, declared
 
 
 def _image(
@@ -176,9 +177,9 @@ def _image(
     """(given, parsed image) for an ``image`` / ``image_url`` value."""
     if value is None:
         return False, None
+    declared: int | None = None
     if path in fetched:  # named by URL and fetched by the door
         data = fetched[path]
-        media_type = sniff_media_type(data)
     elif isinstance(value, ImageUrl) or _is_url(value):
         # Only reached when the door did not fetch it (the door refuses URLs before this).
         c.add(path, "IMAGE_URL_DISABLED", "image URLs are not fetched by this server")
@@ -187,7 +188,10 @@ def _image(
         decoded = _decode_image_string(value, path, c)
         if decoded is None:
             return True, None
-        data, media_type = decoded
+        data, declared = decoded
+    if declared is not None:  # a data: URI said what it is: the rule table judges the type
+        return True, parts.image(data, declared, path, c)
+    media_type = sniff_media_type(data)
     if media_type == 0 and data:
         c.add(path, "IMAGE_DECODE_FAILED", "is not a JPEG, PNG or WEBP image")
         return True, None

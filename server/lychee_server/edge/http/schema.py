@@ -1,6 +1,7 @@
 """The JSON shapes of the HTTP door (pydantic): what the bodies look like, not what they may hold.
 
-These models check *shape* only -- which fields exist and their JSON types. Every limit and rule
+These models check *shape* only -- which fields exist and their JSON types, strictly (``"3"`` is
+not a number, ``1`` is not ``true``). Every limit and rule
 (empty text, sizes, counts, ranges, enums) is applied afterwards by the same rule table the gRPC
 door uses (:mod:`lychee_server.edge.parts`), so no limit is copied here; the OpenAPI descriptions
 say so and point at ``GET /v1/info``.
@@ -49,7 +50,7 @@ IMAGE_HELP = (
 class ImageUrl(BaseModel):
     """``{"url": "https://..."}``: the OpenAI / Jina way of naming an image by URL."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     url: str
 
 
@@ -67,7 +68,7 @@ ImageValue = Annotated[
 class ContentIn(BaseModel):
     """A query or document as an object: text, an image, or both."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     text: str | None = Field(None, description="UTF-8 text (see GET /v1/info for the limits).")
     image: ImageValue | None = Field(None, description=IMAGE_HELP)
     image_url: ImageValue | None = Field(None, description="Same as `image`, named the OpenAI way.")
@@ -93,7 +94,7 @@ TAGS = frozenset({"str", "object"})
 class RerankIn(BaseModel):
     """``POST /v1/rerank`` and ``/v2/rerank`` (Cohere v1/v2 and Jina compatible)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = Field(None, description="Accepted and ignored; the answer names the served model.")
     query: Query = Field(description="A string, or an object with `text` and/or `image`.")
     documents: list[Document] = Field(
@@ -111,7 +112,7 @@ class RerankIn(BaseModel):
 class TeiRerankIn(BaseModel):
     """``POST /rerank`` (Hugging Face text-embeddings-inference compatible)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     query: str
     texts: list[str]
     raw_scores: bool = Field(False, description="Logits (logit(yes) - logit(no)) instead of p(yes).")
