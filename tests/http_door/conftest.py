@@ -8,22 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from http_door.http_support import TINY_ENV, http_url
 
 from harness import SubprocessServer, subprocess_server
-
-TINY_ENV = {
-    "LYCHEE_DTYPE": "float32",
-    "LYCHEE_WARMUP": "false",
-    "LYCHEE_MAX_PIXELS": str(16 * 28 * 28),  # small images keep the tiny model fast on CPU
-    # Parity is asserted bit for bit, so a request must always form the same batch: wait for all
-    # of its pairs (the batcher waits only while pairs of admitted requests are being prepared).
-    "LYCHEE_MAX_BATCH_WAIT_MS": "1000",
-}
-
-
-def http_url(srv: SubprocessServer) -> str:
-    assert srv.http_port is not None, "the server did not report an http_port"
-    return f"http://127.0.0.1:{srv.http_port}"
 
 
 @pytest.fixture(scope="module")

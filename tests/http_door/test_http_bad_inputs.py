@@ -23,10 +23,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from harness import SubprocessServer, error_details, subprocess_server
-from http_door.conftest import TINY_ENV, http_url
+from http_door.http_support import TINY_ENV, http_url
 from PIL import Image
 
+from harness import SubprocessServer, error_details, subprocess_server
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
 
