@@ -1,4 +1,4 @@
-"""``lychee-rerank``: serve, rank, bench, check, make-test-checkpoint.
+"""``lychee-rerank``: serve, rank, bench, check, eval, make-test-checkpoint.
 
 ``serve`` flags are generated from :class:`lychee_server.settings.Settings`, so every knob is
 both a ``--flag`` and a ``LYCHEE_*`` environment variable, documented once (in the field's
@@ -129,6 +129,13 @@ def _cmd_rank(ns: argparse.Namespace) -> int:
     return run_rank(ns)
 
 
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from lychee_server.eval import run_eval
+
+    return run_eval(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lychee-rerank",
@@ -177,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_check_arguments(check)
     check.set_defaults(func=_cmd_check)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure what reranking a first stage does on a BEIR-layout benchmark (nDCG, MRR, recall)",
+        description="Rerank a first stage (a TREC run file, or BM25) on a BEIR-layout benchmark with images "
+        "through a running server (--target) or in-process (--model); report metrics before and after.",
+    )
+    from lychee_server.eval import add_eval_arguments
+
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_cmd_eval)
 
     mk = sub.add_parser(
         "make-test-checkpoint",
