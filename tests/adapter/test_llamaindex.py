@@ -24,8 +24,10 @@ pytest.importorskip("llama_index.core")
 
 from adapter_support import png
 from llama_index.core import VectorStoreIndex
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload, LlamaDebugHandler
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
+from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import (
     ImageDocument,
     ImageNode,
@@ -121,8 +123,12 @@ def _check_against_client(
 
 async def test_query_engine_sync_and_async(adapter_server: Any) -> None:
     reranker = LycheeRerank(target=adapter_server.address, top_n=3)
-    engine = _index().as_query_engine(
-        llm=MockLLM(), similarity_top_k=len(EXPECTED_INPUTS), node_postprocessors=[reranker]
+    debug = LlamaDebugHandler()
+    engine = RetrieverQueryEngine.from_args(
+        _index().as_retriever(similarity_top_k=len(EXPECTED_INPUTS)),
+        llm=MockLLM(),
+        node_postprocessors=[reranker],
+        callback_manager=CallbackManager([debug]),
     )
     expected = await client_scores(adapter_server.address, QUESTION)
     sync_response = await asyncio.to_thread(engine.query, QUESTION)
@@ -139,6 +145,11 @@ async def test_query_engine_sync_and_async(adapter_server: Any) -> None:
     assert [n.node.node_id for n in sync_response.source_nodes] == [
         n.node.node_id for n in async_response.source_nodes
     ]
+    # Both calls reported a RERANKING event to LlamaIndex's callbacks, with the kept nodes.
+    pairs = debug.get_event_pairs(CBEventType.RERANKING)
+    assert len(pairs) == 2
+    for _, end in pairs:
+        assert end.payload is not None and len(end.payload[EventPayload.NODES]) == 3
 
 
 async def test_retriever_then_postprocessor_keeps_inputs(adapter_server: Any) -> None:
