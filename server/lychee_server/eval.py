@@ -252,7 +252,10 @@ def bm25_run(
     from rank_bm25 import BM25Okapi
 
     doc_ids = list(corpus)
-    bm25 = BM25Okapi([tokenize(corpus[d].text) for d in doc_ids])
+    tokens = [tokenize(corpus[d].text) for d in doc_ids]
+    if not any(tokens):
+        raise EvalError("no document has text for BM25 (an image-only corpus): give a first stage with --run")
+    bm25 = BM25Okapi(tokens)
     run: dict[str, list[str]] = {}
     for qid in qids:
         scores = np.asarray(bm25.get_scores(tokenize(queries[qid].text)), dtype=float)

@@ -215,6 +215,8 @@ def test_bm25_first_stage() -> None:
     run = bm25_run(corpus, queries, ["q", "img"], k=3)
     assert run["q"][0] == "b" and len(run["q"]) == 3
     assert run["img"] == ["a", "b", "c"]  # no query words: all tie, corpus order
+    with pytest.raises(EvalError, match="--run"):  # an image-only corpus has nothing for BM25
+        bm25_run({"c": corpus["c"]}, queries, ["q"], k=1)
 
 
 # -- the command, end to end ------------------------------------------------------------------------
