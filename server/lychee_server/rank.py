@@ -233,6 +233,7 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None],
     from lychee.rerank.client import Doc, EncodedImage, LycheeClient, LycheeError, MediaType, Query
 
     api_key = ns.api_key or os.environ.get("LYCHEE_API_KEY")
+    query = Query(text=ns.query, image=_query_image(ns))
     try:
         root = ns.tls_ca.read_bytes() if ns.tls_ca else None
     except OSError as err:
@@ -241,7 +242,6 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None],
         client = LycheeClient(ns.target, api_key=api_key, root_certificates=root, timeout=ns.timeout)
     except ValueError as err:
         raise FatalError(str(err)) from err
-    query = Query(text=ns.query, image=_query_image(ns))
 
     def score(docs: Sequence[FileDoc]) -> list[float]:
         batch = [
@@ -300,13 +300,14 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
         img = ImageInput(image, MediaType(media_type)) if image is not None and media_type else None
         return Content(text=text, image=img)
 
-    query = content(
-        ns.query,
-        query_image.data if query_image else None,
-        query_image.media_type if query_image else None,
-    )
-
     def score(docs: Sequence[FileDoc]) -> list[float]:
+        # A fresh query value per job: the engine groups (and cancels) a request's image decodes
+        # by the identity of its query object, so two jobs must never share one.
+        query = content(
+            ns.query,
+            query_image.data if query_image else None,
+            query_image.media_type if query_image else None,
+        )
         job = RerankJob(
             instruction=ns.instruction or DEFAULT_INSTRUCTION,
             query=query,

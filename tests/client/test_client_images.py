@@ -177,6 +177,7 @@ def test_what_looks_like_an_image(tmp_path: Path) -> None:
         str(tmp_path),  # a folder
         "a red square",
         "data science is fun",
+        "data:text/plain,hello",  # a data: URI, but not of an image
         "",
     ):
         assert image_like_text(text) is None, text

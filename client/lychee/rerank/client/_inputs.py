@@ -204,23 +204,22 @@ _MAX_PATH_CHARS = 4096
 
 def image_like_text(text: str) -> str | None:
     """What a ``str`` looks like when it looks like an image reference rather than text:
-    ``"a URL"``, ``"a data: URI"`` or ``"the path of an image file"`` (existing); else ``None``.
+    ``"a URL"``, ``"a data: URI"`` (``data:image/...``) or ``"the path of an image file"`` (an
+    existing file with an image suffix); else ``None``.
 
     Cheap on ordinary text: only a prefix is inspected unless the text starts like a URL or
     ends with an image file suffix.
     """
+    head = text[:64].lstrip()[:8].lower()  # no copy of a long text unless it starts like a reference
+    if head.startswith("data:"):
+        start = text.lstrip()[:512]
+        return "a data: URI" if start[:11].lower() == "data:image/" and _DATA_URI.match(start) else None
+    if head.startswith(("http://", "https://", "file://", "ftp://")):
+        return "a URL" if _URL.fullmatch(text.strip()) else None
+    if len(text) > _MAX_PATH_CHARS:
+        return None
     s = text.strip()
-    head = s[:8].lower()
-    if head.startswith("data:") and _DATA_URI.match(s[:512]):
-        return "a data: URI"
-    if head.startswith(("http://", "https://", "file://", "ftp://")) and _URL.fullmatch(s):
-        return "a URL"
-    if (
-        len(s) <= _MAX_PATH_CHARS
-        and "\n" not in s
-        and s.lower().endswith(_IMAGE_SUFFIXES)
-        and os.path.isfile(os.path.expanduser(s))
-    ):
+    if "\n" not in s and s.lower().endswith(_IMAGE_SUFFIXES) and os.path.isfile(os.path.expanduser(s)):
         return "the path of an image file"
     return None
 
