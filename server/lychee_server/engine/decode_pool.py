@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _MODULE = "lychee_server.engine.decode_pool"
 # Native libraries in the worker must not start thread pools of their own (one image, one core).
+_NICE = 10  # decoder processes run at a lower CPU priority than the server
 _STARTUP_S = 60.0  # a worker's interpreter must boot within this (it takes ~0.1 s)
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
@@ -434,6 +435,8 @@ def _decode_one(data: bytes, media: str, limits: ImageLimits) -> tuple[dict[str,
 
 def _worker_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the server to handle
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(_NICE)  # the server's own threads (text work, the device loop) come first for the CPU
     rfd, wfd, config = int(argv[0]), int(argv[1]), _WorkerConfig(**json.loads(argv[2]))
     limits = ImageLimits(**config.limits)
     Image.MAX_IMAGE_PIXELS = limits.max_image_pixels  # PIL's own ceiling is ours in a worker
