@@ -31,3 +31,14 @@ def grpc_client(served: SubprocessServer) -> Iterator[Any]:
 
     with LycheeClient(served.address) as client:
         yield client
+
+
+@pytest.fixture
+def gated(tiny_engine: Any) -> Iterator[Any]:
+    """The session's real tiny engine behind a device gate (opened again at teardown)."""
+    from harness import GatedEngine
+
+    wrapper = GatedEngine(tiny_engine)
+    yield wrapper
+    wrapper.gate.open()
+    wrapper.warmup_gate.open()
