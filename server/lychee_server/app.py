@@ -37,8 +37,9 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from lychee_server.edge.auth import BearerAuthInterceptor
+from lychee_server.edge.auth import BearerAuthInterceptor, KeySet
 from lychee_server.edge.gate import Gate
+from lychee_server.edge.http import HttpDoor, HttpServer
 from lychee_server.edge.reflection import enable_reflection
 from lychee_server.edge.service import SERVICE_NAME, RerankService, add_to_server
 from lychee_server.engine.interface import Engine
@@ -106,7 +107,8 @@ class LycheeServer:
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = False
         keys = settings.all_api_keys()
-        interceptors = [BearerAuthInterceptor(keys, self.metrics)] if keys else []
+        key_set = KeySet(keys) if keys else None
+        interceptors = [BearerAuthInterceptor(key_set, self.metrics)] if key_set is not None else []
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -116,11 +118,27 @@ class LycheeServer:
                 # Calls grpc core holds before the application takes them: past the soft limit it
                 # drops calls at random with a bare CANCELLED (from 1,000 by default), before
                 # our admission (max_concurrent_calls -> RESOURCE_EXHAUSTED + RetryInfo) sees them.
-                ("grpc.server.max_pending_requests", 16 * settings.max_concurrent_calls),
-                ("grpc.server.max_pending_requests_hard_limit", 32 * settings.max_concurrent_calls),
+                ("grpc.server.max_pending_requests", 16384),
+                ("grpc.server.max_pending_requests_hard_limit", 32768),
             ],
         )
         add_to_server(self.service, self.server)
+        self.http: HttpServer | None = None
+        self._fetcher: Any = None
+        if settings.http_port is not None:
+            if settings.image_url_fetch:
+                from lychee_server.edge.http.fetch import ImageFetcher
+
+                self._fetcher = ImageFetcher(settings)
+            door = HttpDoor(
+                settings,
+                self.gate,
+                self.metrics,
+                version=server_version(),
+                keys=key_set,
+                fetcher=self._fetcher,
+            )
+            self.http = HttpServer(door.asgi, settings)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(  # grpc.reflection.v1 and v1alpha
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self.server
@@ -129,6 +147,14 @@ class LycheeServer:
     @property
     def address(self) -> str:
         return _host_port(self.settings.host, self.port)
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        return self.http.url if self.http is not None and self.http.port is not None else None
 
     @property
     def metrics_url(self) -> str | None:
@@ -159,7 +185,11 @@ class LycheeServer:
         """Bind, report NOT_SERVING, load and warm the engine, then SERVING (returns when serving)."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._bind()
+        if self.http is not None:
+            self.http.bind()  # before the model loads: /healthz answers meanwhile, a taken port fails now
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.settings.metrics_port is not None:
             self._metrics_http = MetricsHttpServer(
                 self.metrics, self.settings.metrics_host, self.settings.metrics_port
@@ -167,7 +197,9 @@ class LycheeServer:
             self.metrics_port = self._metrics_http.port
         log.info(
             "listening; loading the model",
-            extra=log_fields(event="listening", port=self.port, metrics_port=self.metrics_port),
+            extra=log_fields(
+                event="listening", port=self.port, http_port=self.http_port, metrics_port=self.metrics_port
+            ),
         )
         t0 = time.monotonic()
         engine = self.engine
@@ -193,6 +225,7 @@ class LycheeServer:
             extra=log_fields(
                 event="serving",
                 port=self.port,
+                http_port=self.http_port,
                 metrics_port=self.metrics_port,
                 model=engine.info.model_id,
                 device=engine.info.device,
@@ -212,8 +245,14 @@ class LycheeServer:
         log.info("draining", extra=log_fields(event="draining", active_calls=self.gate.active_calls))
         finished = await self.gate.wait_calls_done(grace)
         # A short grace lets the last responses flush; calls still running past the grace period
-        # (and health Watch streams) are cancelled here.
-        await self.server.stop(min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0)
+        # (and health Watch streams) are cancelled here. Both doors close together.
+        flush = min(max(deadline - time.monotonic(), 0.0), 1.0) if finished else 0
+        closing = [self.server.stop(flush)]
+        if self.http is not None:
+            closing.append(self.http.stop(flush))
+        await asyncio.gather(*closing)
+        if self._fetcher is not None:
+            await self._fetcher.aclose()
         if self.scheduler is not None:
             await self.scheduler.stop()
         close = getattr(self.engine, "close", None) if self._owns_engine else None
@@ -293,7 +332,14 @@ async def _serve(settings: Settings) -> int:
         await server.stop(0)
         return 1
     print(
-        json.dumps({"event": "serving", "port": server.port, "metrics_port": server.metrics_port}),
+        json.dumps(
+            {
+                "event": "serving",
+                "port": server.port,
+                "http_port": server.http_port,
+                "metrics_port": server.metrics_port,
+            }
+        ),
         flush=True,
     )
     await stop_requested.wait()
