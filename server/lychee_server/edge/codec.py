@@ -39,6 +39,7 @@ __all__ = [
     "decode_message",
     "decode_request",
     "decode_stream_request",
+    "document_count",
     "instruction_from_pb",
     "job_from_pb",
     "options_from_pb",
@@ -206,18 +207,37 @@ def decode_message(
 
 
 @functools.cache
-def _bytes_variant(full_name: str) -> type[Message]:
-    """The message class ``full_name`` from a private copy of rerank.proto where string = bytes."""
+def _shallow_variant(full_name: str) -> type[Message]:
+    """The message class ``full_name`` from a private copy of rerank.proto where every string is
+    bytes (so invalid UTF-8 parses) and every *repeated message* field is repeated bytes.
+
+    The second change keeps the parse shallow: a request with two million documents parses in
+    ~20 ms instead of ~160 ms (upb holds the GIL throughout, so this is event-loop time too), and
+    only the entries that are looked at are parsed, one by one.
+    """
     fdp = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(fdp)
+    t = descriptor_pb2.FieldDescriptorProto
     for message in fdp.message_type:
         for fld in message.field:
-            if fld.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
-                fld.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+            if fld.type == t.TYPE_STRING:
+                fld.type = t.TYPE_BYTES
+            elif fld.type == t.TYPE_MESSAGE and fld.label == t.LABEL_REPEATED:
+                fld.type = t.TYPE_BYTES
+                fld.ClearField("type_name")
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
+def document_count(data: bytes) -> int | None:
+    """How many documents a RerankRequest's wire bytes carry, from a shallow parse (``None`` when
+    the bytes are no message): lets a request with millions be refused before the full parse."""
+    try:
+        return len(_shallow_variant(pb.RerankRequest.DESCRIPTOR.full_name).FromString(data).documents)  # type: ignore[attr-defined]
+    except DecodeError:
+        return None
 
 
 def _find_bad_utf8(data: bytes, descriptor: Descriptor, max_items: int | None) -> str | None:
@@ -225,14 +245,14 @@ def _find_bad_utf8(data: bytes, descriptor: Descriptor, max_items: int | None) -
     apart from UTF-8 but the bad string is past ``max_items`` entries of a repeated field; ``None``
     when they are no message at all."""
     try:
-        msg = _bytes_variant(descriptor.full_name).FromString(data)
+        found = _walk_bad_utf8(data, descriptor, "", max_items)
     except DecodeError:
         return None
-    found = _walk_bad_utf8(msg, descriptor, "", max_items)
     return "" if found is None else found
 
 
-def _walk_bad_utf8(msg: Message, original: Descriptor, prefix: str, max_items: int | None) -> str | None:
+def _walk_bad_utf8(data: bytes, original: Descriptor, prefix: str, max_items: int | None) -> str | None:
+    msg = _shallow_variant(original.full_name).FromString(data)
     for fld, value in msg.ListFields():
         orig = original.fields_by_name[fld.name]
         path = f"{prefix}.{fld.name}" if prefix else fld.name
@@ -246,8 +266,9 @@ def _walk_bad_utf8(msg: Message, original: Descriptor, prefix: str, max_items: i
                     return f"{path}[{i}]" if repeated else path
         elif orig.message_type is not None and orig.message_type.file is pb.DESCRIPTOR:
             for i, child in enumerate(values):
+                raw_child = child if isinstance(child, bytes) else child.SerializeToString()
                 found = _walk_bad_utf8(
-                    child, orig.message_type, f"{path}[{i}]" if repeated else path, max_items
+                    raw_child, orig.message_type, f"{path}[{i}]" if repeated else path, max_items
                 )
                 if found is not None:
                     return found
