@@ -40,6 +40,7 @@ __all__ = [
     "HTTP_BY_REASON",
     "MAX_DETAIL_CHARS",
     "MAX_STATUS_VIOLATIONS",
+    "REASON_CODES",
     "STATUS_CODES",
     "TABLE",
     "HttpError",
@@ -47,6 +48,7 @@ __all__ = [
     "abort_with",
     "as_lychee_error",
     "http_error_for_exception",
+    "render_status_markdown",
     "status_for_exception",
     "to_http",
     "to_status",
@@ -87,6 +89,54 @@ HTTP_BY_REASON: dict[str, int] = {
     "MODALITY_NOT_SUPPORTED": 422,  # well-formed, but this model cannot take it
 }
 """Per-reason HTTP statuses where HTTP has a more precise word than the code's row."""
+
+REASON_CODES: dict[str, Code] = {
+    **dict.fromkeys(
+        (
+            "FIELD_REQUIRED",
+            "EMPTY_TEXT",
+            "INVALID_ENUM",
+            "OUT_OF_RANGE",
+            "NO_DOCUMENTS",
+            "TOO_MANY_DOCUMENTS",
+            "INSTRUCTION_TOO_LARGE",
+            "TEXT_TOO_LARGE",
+            "IMAGE_TOO_LARGE",
+            "ID_TOO_LARGE",
+            "INVALID_UTF8",
+            "IMAGE_DECODE_FAILED",
+            "IMAGE_MEDIA_TYPE_MISMATCH",
+            "IMAGE_TOO_MANY_PIXELS",
+            "IMAGE_ANIMATED",
+            "IMAGE_ASPECT_RATIO",
+            "INPUT_TOO_LONG",
+            "STREAM_PROTOCOL_VIOLATION",
+            "CHUNK_TOO_LARGE",
+            "REQUEST_TOO_LARGE",
+            "INVALID_ARGUMENT",
+            "INVALID_TEXT",
+            "RESPONSE_TOO_LARGE",
+            "INVALID_JSON",
+            "INVALID_BASE64",
+            "IMAGE_URL_DISABLED",
+            "IMAGE_URL_FORBIDDEN",
+            "IMAGE_FETCH_FAILED",
+        ),
+        Code.INVALID_ARGUMENT,
+    ),
+    "MODALITY_NOT_SUPPORTED": Code.FAILED_PRECONDITION,
+    "OVERLOADED": Code.RESOURCE_EXHAUSTED,
+    "NOT_READY": Code.UNAVAILABLE,
+    "SHUTTING_DOWN": Code.UNAVAILABLE,
+    "MODEL_LOAD_FAILED": Code.UNAVAILABLE,
+    "UNAUTHENTICATED": Code.UNAUTHENTICATED,
+    "DEADLINE_EXCEEDED": Code.DEADLINE_EXCEEDED,
+    "CANCELLED": Code.CANCELLED,
+    "NOT_FOUND": Code.NOT_FOUND,
+    "DEVICE_OUT_OF_MEMORY": Code.INTERNAL,
+    "INTERNAL_ERROR": Code.INTERNAL,
+}
+"""The code every contract ``ErrorReason`` is sent with (a test holds it to the proto's list)."""
 
 STATUS_CODES: dict[Code, grpc.StatusCode] = {code: row.grpc for code, row in TABLE.items()}
 """The gRPC column of :data:`TABLE`."""
@@ -205,3 +255,12 @@ async def abort_with(
     status = status_for_exception(err, request_id=request_id)
     await context.abort_with_status(status)  # type: ignore[attr-defined]  # grpc-stubs 1.53 lacks it
     raise AssertionError("abort_with_status returned")  # pragma: no cover - grpc always raises
+
+
+def render_status_markdown() -> str:
+    """Every reason with its gRPC code and HTTP status, as a Markdown table for docs/contract.md."""
+    lines = ["| ErrorInfo reason | gRPC code | HTTP status |", "|---|---|---|"]
+    for reason, code in REASON_CODES.items():
+        row = TABLE[code]
+        lines.append(f"| `{reason}` | {row.grpc.name} | {HTTP_BY_REASON.get(reason, row.http)} |")
+    return "\n".join(lines) + "\n"
