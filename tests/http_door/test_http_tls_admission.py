@@ -1,0 +1,87 @@
+"""TLS, mutual TLS and admission on the HTTP door, as on gRPC (in process, real sockets, the real
+tiny engine behind a device gate)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import GatedEngine, error_details, eventually, make_tls_files, running_server
+from lychee.rerank.v1 import rerank_pb2 as pb
+from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(120)
+WAIT = 30.0
+BODY = {"query": "q", "documents": ["a", "b"]}
+
+
+async def test_https_with_the_grpc_tls_settings(gated: GatedEngine, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    async with running_server(engine=gated, tls_cert=tls.server_cert, tls_key=tls.server_key) as srv:
+        url = srv.server.http_url
+        assert url.startswith("https://")
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tls.ca_cert))) as client:
+            r = await client.post(f"{url}/v1/rerank", json=BODY, timeout=WAIT)
+            assert r.status_code == 200 and len(r.json()["results"]) == 2
+        async with httpx.AsyncClient() as untrusting:  # the system CAs do not know our CA
+            with pytest.raises(httpx.ConnectError):
+                await untrusting.post(f"{url}/v1/rerank", json=BODY, timeout=WAIT)
+        plain = url.replace("https://", "http://")
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.post(f"{plain}/v1/rerank", json=BODY, timeout=WAIT)
+
+
+async def test_mutual_tls_needs_a_client_certificate(gated: GatedEngine, tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    async with running_server(
+        engine=gated, tls_cert=tls.server_cert, tls_key=tls.server_key, tls_client_ca=tls.ca_cert
+    ) as srv:
+        url = srv.server.http_url
+        with_cert = ssl.create_default_context(cafile=str(tls.ca_cert))
+        with_cert.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+        async with httpx.AsyncClient(verify=with_cert) as client:
+            assert (await client.post(f"{url}/v1/rerank", json=BODY, timeout=WAIT)).status_code == 200
+        without = ssl.create_default_context(cafile=str(tls.ca_cert))
+        async with httpx.AsyncClient(verify=without) as client:
+            with pytest.raises(httpx.HTTPError):
+                r = await client.post(f"{url}/v1/rerank", json=BODY, timeout=WAIT)
+                r.raise_for_status()
+
+
+async def test_overload_is_429_with_retry_after_on_both_doors(gated: GatedEngine) -> None:
+    async with running_server(engine=gated, max_inflight_pairs=4, retry_after_s=1.5) as srv:
+        url = srv.server.http_url
+        gated.gate.close()
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=WAIT) as client:
+                first = asyncio.create_task(
+                    client.post("/v1/rerank", json={"query": "q", "documents": ["d"] * 4})
+                )
+                await asyncio.to_thread(gated.gate.entered.wait, WAIT)  # 4 pairs admitted: at capacity
+                r = await client.post("/v1/rerank", json=BODY)
+                assert r.status_code == 429 and r.json()["reason"] == "OVERLOADED"
+                assert r.headers["retry-after"] == "2" and r.json()["retry_after_s"] == 1.5
+                import grpc.aio
+
+                async with grpc.aio.insecure_channel(srv.address) as channel:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await pb_grpc.RerankServiceStub(channel).Rerank(
+                            pb.RerankRequest(
+                                query=pb.Content(text="q"),
+                                documents=[pb.Document(content=pb.Content(text="d"))],
+                            ),
+                            timeout=WAIT,
+                        )
+                d = error_details(info.value)
+                assert (d.code.name, d.reason, d.retry_delay) == ("RESOURCE_EXHAUSTED", "OVERLOADED", 1.5)
+                gated.gate.open()
+                assert (await first).status_code == 200
+                await eventually(lambda: srv.server.gate.active_calls == 0, WAIT, "calls to end")
+                assert (await client.post("/v1/rerank", json=BODY)).status_code == 200
+        finally:
+            gated.gate.open()
