@@ -7,7 +7,8 @@
 # Every group runs even if an earlier one fails (the report shows what failed); the exit status is
 # non-zero if any group failed. Figures land in build/reliability/: <group>.json written by the
 # tests themselves (load, faults, security), <group>.xml (JUnit) and <group>.log for every group.
-# Load parameters pass through: LOAD_CLIENTS, LOAD_SECONDS, LOAD_MAX_INFLIGHT_PAIRS, LOAD_SAMPLE_S.
+# Load parameters pass through: LOAD_CLIENTS, LOAD_SECONDS, LOAD_MAX_INFLIGHT_PAIRS, LOAD_SAMPLE_S;
+# the liveness benchmark takes LIVENESS_SECONDS per phase (default 20) and LIVENESS_MIX.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -38,6 +39,7 @@ if [ "${1:-}" != "--render" ]; then
   run_group load tests/reliability/test_load.py -s
   run_group faults tests/reliability/test_faults.py
   run_group security tests/reliability/test_security.py
+  LIVENESS_SECONDS="${LIVENESS_SECONDS:-20}" run_group liveness -m slow tests/reliability/test_liveness.py -s
 fi
 
 echo "== render docs/reliability.md"
@@ -235,6 +237,30 @@ if security:
 else:
     missing.append("security (build/reliability/security.json)")
 
+live = load("liveness")
+if live:
+    target_ok = (
+        live["attack_ms"]["p99"] <= 3 * max(live["idle_ms"]["p99"], 50.0)
+        and live["health_max_ms"] < 1000
+        and live["exit_seconds_after_sigterm"] <= live["grace_period_s"] + 5
+        and live["exit_code"] == 0
+    )
+    rows.append(
+        (
+            "Liveness",
+            f"normal text requests, idle p50 {live['idle_ms']['p50']} / p99 {live['idle_ms']['p99']} ms -> "
+            f"under attack ({live['mix']}: {live['hostile']}) p50 {live['attack_ms']['p50']} / p99 "
+            f"{live['attack_ms']['p99']} ms (x{live['p99_ratio']}, target x3); health max "
+            f"{live['health_max_ms']} ms (target 1 s); SIGTERM during the attack: exit "
+            f"{live['exit_code']} after {live['exit_seconds_after_sigterm']} s (grace "
+            f"{live['grace_period_s']} s, target grace + 5 s)",
+            verdict(target_ok),
+            live["command"],
+        )
+    )
+else:
+    missing.append("liveness (build/reliability/liveness.json)")
+
 machine = next((f["machine"] for f in (load_fig, faults, security) if f and "machine" in f), {})
 
 lines = [
@@ -266,7 +292,7 @@ if missing:
 lines += [
     "",
     "Exit status of each group: "
-    + ", ".join(f"{g} {rc(g)}" for g in ("bad_inputs", "fuzz", "load", "faults", "security"))
+    + ", ".join(f"{g} {rc(g)}" for g in ("bad_inputs", "fuzz", "load", "faults", "security", "liveness"))
     + " (0 = passed).",
 ]
 
