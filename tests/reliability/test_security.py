@@ -361,3 +361,67 @@ async def test_path_like_text_is_scored_as_text(
         "no path input", "a path sent as image bytes", "INVALID_ARGUMENT/IMAGE_DECODE_FAILED", image_path
     )
     assert ok, CASES.rows[-4:]
+
+
+# --------------------------------------------------------------------------------------------
+# Unauthenticated callers cannot make the server buffer full-size messages (issue 14, class 10)
+
+
+async def test_unauthenticated_large_calls_are_refused_before_the_body_is_buffered(
+    tiny_checkpoint: Path, kit: Any
+) -> None:
+    """32 concurrent token-less 15 MiB Rerank calls, each on its own connection, against a server
+    subprocess: all get UNAUTHENTICATED, and the server's RSS grows far less than one message per
+    call (before the fix: +370-450 MiB, grpc buffered each message before the interceptor's
+    handler ran; after: tens of MiB, what HTTP/2 flow control lets in)."""
+    from harness import subprocess_server
+
+    calls, size = 32, 15 * 1024 * 1024
+    big = pb.RerankRequest(
+        query=pb.Content(text="q"),
+        documents=[pb.Document(content=pb.Content(text="x" * (size // 4)))] * 4,
+    )
+    env = {"LYCHEE_API_KEYS": '["k1"]', "LYCHEE_WARMUP": "false", "LYCHEE_LOG_LEVEL": "WARNING"}
+    opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    with subprocess_server(tiny_checkpoint, env=env) as srv:
+        channels = [grpc.aio.insecure_channel(srv.address, options=opts) for _ in range(calls)]
+        try:
+            before = kit.vm_rss_bytes(srv.proc.pid)
+            peak = [before]
+            done = asyncio.Event()
+
+            async def sample() -> None:
+                while not done.is_set():
+                    peak.append(kit.vm_rss_bytes(srv.proc.pid))
+                    await asyncio.sleep(0.01)
+
+            sampler = asyncio.create_task(sample())
+            labels = await asyncio.gather(
+                *(observe(kit, pb_grpc_stub(c).Rerank(big, timeout=60)) for c in channels)
+            )
+            done.set()
+            await sampler
+        finally:
+            for c in channels:
+                await c.close()
+    growth_mib = (max(peak) - before) / 2**20
+    ok = CASES.check(
+        "bearer token",
+        f"{calls} concurrent token-less 15 MiB calls: all refused",
+        "UNAUTHENTICATED/UNAUTHENTICATED",
+        sorted(set(labels))[0] if len(set(labels)) == 1 else repr(sorted(set(labels))),
+    )
+    bounded = CASES.check(
+        "bearer token",
+        f"server RSS growth under {calls} token-less 15 MiB calls below 128 MiB",
+        "True",
+        f"{growth_mib < 128}",
+    )
+    print(f"\n[security] RSS +{growth_mib:.0f} MiB for {calls} x 15 MiB token-less calls")
+    assert ok and bounded, (labels, growth_mib)
+
+
+def pb_grpc_stub(channel: Any) -> Any:
+    from lychee.rerank.v1 import rerank_pb2_grpc
+
+    return rerank_pb2_grpc.RerankServiceStub(channel)
