@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import grpc
 import grpc.aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 __all__ = ["V1ALPHA_SERVICE_NAME", "V1_SERVICE_NAME", "enable_reflection"]
 
@@ -25,7 +26,7 @@ V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 def enable_reflection(service_names: Iterable[str], server: grpc.aio.Server) -> None:
     """Serve reflection for ``service_names`` (plus both reflection services) on ``server``."""
     names = (*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
-    servicer = reflection.aio.ReflectionServicer(names)
+    servicer = ReflectionServicer(names)
     # v1alpha: the library's own registration.
     reflection.enable_server_reflection(names, server)
     # v1: the same servicer, reached under the v1 name (identical wire format).
