@@ -115,6 +115,12 @@ def _cmd_bench(ns: argparse.Namespace) -> int:
     return int(run_bench(ns))
 
 
+def _cmd_bench_doors(ns: argparse.Namespace) -> int:
+    from lychee_server.bench_doors import run_bench_doors
+
+    return run_bench_doors(ns)
+
+
 def _cmd_check(ns: argparse.Namespace) -> int:
     _quiet_transformers()
     from lychee_server.check import run_check
@@ -173,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    doors = sub.add_parser(
+        "bench-doors",
+        help="benchmark the HTTP/JSON door against the gRPC door on one server (not a test)",
+        description="Spawn (or target) one server and time the same requests through gRPC and HTTP, "
+        "alternating call by call; print a Markdown table, write JSON with --json.",
+    )
+    from lychee_server.bench_doors import add_bench_doors_arguments
+
+    add_bench_doors_arguments(doors)
+    doors.set_defaults(func=_cmd_bench_doors)
 
     check = sub.add_parser(
         "check",
