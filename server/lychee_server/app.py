@@ -101,7 +101,7 @@ class LycheeServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.scheduler: Scheduler | None = None
-        self.gate = Gate(self.metrics)
+        self.gate = Gate(self.metrics, settings)
         self.service = RerankService(settings, self.gate, server_version())
         self.health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None

@@ -109,7 +109,9 @@ async def test_drain_finishes_calls_on_both_doors_and_refuses_new_ones(gated: Ga
                     timeout=WAIT,
                 )
             )
-            await eventually(lambda: server.gate.active_calls == 2, WAIT, "both calls in flight")
+            await eventually(  # admitted by the scheduler: past every check at the doors
+                lambda: server.metrics.inflight_requests._value.get() == 2, WAIT, "both calls in flight"
+            )
             stopping = asyncio.create_task(server.stop(grace=WAIT))
             await eventually(lambda: not server.gate.ready, WAIT, "the drain to begin")
             refused = await client.post("/v1/rerank", json=body())

@@ -178,7 +178,7 @@ async def test_streams_together_stay_within_max_buffered_bytes(tiny_engine: Any)
         # The first stream's bytes were released with its call: the second now fits.
         again = await stub.RerankStream(aiter_list(second), timeout=30)
         assert len(again.results) == 1
-        assert srv.server.service.buffered.used == 0
+        assert srv.server.gate.buffered.used == 0
 
 
 # ---------------------------------------------------------------------------------- class 5

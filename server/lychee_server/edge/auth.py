@@ -14,6 +14,7 @@ taken does not reveal which key, or how much of one, matched.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -26,7 +27,14 @@ from lychee_server.edge.status import to_status
 from lychee_server.edge.stream import discard_rest
 from lychee_server.metrics import Metrics
 
-__all__ = ["OPEN_METHOD_PREFIXES", "BearerAuthInterceptor", "KeySet", "bearer_token", "rejection"]
+__all__ = [
+    "OPEN_METHOD_PREFIXES",
+    "BearerAuthInterceptor",
+    "KeySet",
+    "bearer_token",
+    "rejection",
+    "tenant_of",
+]
 
 OPEN_METHOD_PREFIXES: tuple[str, ...] = (
     "/grpc.health.v1.Health/",
@@ -68,6 +76,12 @@ class KeySet:
         for key in self._keys:  # no early exit: constant work whatever matches
             matched |= hmac.compare_digest(token, key)
         return matched
+
+
+def tenant_of(token: bytes | None) -> str:
+    """The tenant a bearer token stands for: a short hash of it (never the token itself), so
+    per-tenant state (the vision cache) is separated per API key; no token = the shared tenant."""
+    return "" if token is None else hashlib.sha256(token).hexdigest()[:16]
 
 
 def rejection(token: bytes | None) -> errors.Unauthenticated:

@@ -16,7 +16,6 @@ values out of the messages and name their paths: the rules and defaults live in
 from __future__ import annotations
 
 import functools
-import heapq
 import itertools
 from typing import TypeVar
 
@@ -27,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee_server import domain
 from lychee_server.edge import parts
-from lychee_server.edge.validation import Collector, Slot, utf8_len
+from lychee_server.edge.validation import Collector, Slot
 from lychee_server.errors import FieldViolation, InvalidInput
 from lychee_server.settings import Settings
 
@@ -286,59 +285,17 @@ def _is_repeated(fld: FieldDescriptor) -> bool:
 # Bytes a RankedDocument costs besides its id and text: the entry's tag and length, index, score,
 # truncated, and the id/text tags and lengths (varints at their widest for these sizes).
 _RESULT_OVERHEAD = 32
-# Usage, timings, the model id and the message framing.
-_RESPONSE_OVERHEAD = 1024
-
-
-def response_size_bound(job: domain.RerankJob) -> int:
-    """An upper bound on the encoded size of the job's response (either RPC), known before scoring.
-
-    Each result carries its id and, with ``return_text``, its text; with ``top_n`` only the
-    ``top_n`` largest results are counted (which documents rank first is not known yet).
-    ``isascii`` is O(1) in CPython, so ASCII texts are measured without encoding them.
-    """
-    return_text = job.options.return_text
-
-    def cost(doc: domain.Document) -> int:
-        size = _RESULT_OVERHEAD
-        if doc.id is not None:
-            size += utf8_len(doc.id)
-        text = doc.content.text
-        if return_text and text is not None:
-            size += len(text) if text.isascii() else utf8_len(text)
-        return size
-
-    sizes = (cost(d) for d in job.documents)
-    top_n = job.options.top_n
-    total = sum(heapq.nlargest(top_n, sizes)) if top_n is not None else sum(sizes)
-    return total + _RESPONSE_OVERHEAD
+_PATHS = parts.ResponsePaths(top_n="options.top_n", return_text="options.return_text")
 
 
 def check_response_size(job: domain.RerankJob, limit: int, *, request_id: str = "") -> None:
     """INVALID_ARGUMENT / RESPONSE_TOO_LARGE before any scoring when the answer could not be sent."""
-    bound = response_size_bound(job)
-    if bound > limit:
-        _too_large(bound, limit, request_id, estimated=True)
+    parts.check_response_size(job, limit, _RESULT_OVERHEAD, _PATHS, request_id=request_id)
 
 
 def require_response_fits(size: int, limit: int, *, request_id: str = "") -> None:
     """The same error for a rendered response (the backstop after scoring)."""
-    if size > limit:
-        _too_large(size, limit, request_id, estimated=False)
-
-
-def _too_large(size: int, limit: int, request_id: str, *, estimated: bool) -> None:
-    would = "could be up to" if estimated else "would be"
-    description = (
-        f"the response {would} {size} bytes, over max_message_bytes {limit}; "
-        "ask for fewer results (options.top_n) or no texts (options.return_text)"
-    )
-    raise InvalidInput(
-        description,
-        reason="RESPONSE_TOO_LARGE",
-        violations=[FieldViolation("options.return_text", description, "RESPONSE_TOO_LARGE")],
-        metadata={"request_id": request_id} if request_id else {},
-    )
+    parts.require_response_fits(size, limit, _PATHS, request_id=request_id)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

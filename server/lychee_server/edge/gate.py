@@ -9,6 +9,8 @@ and drained together. The gate owns
 * request ids (the caller's ``x-request-id`` when it is short and printable, else a fresh uuid4);
 * the active-call counter a drain waits on (:meth:`Gate.wait_calls_done`), across both doors;
 * the per-call metrics (``lychee_requests_total{method,code,transport}``) and the one log line;
+* server-wide admission before any work: ``max_concurrent_calls`` (:meth:`Gate.admit`) and the
+  ``max_buffered_bytes`` budget of request payload held in memory (:meth:`Gate.hold`);
 * the last checks before work reaches the scheduler (:meth:`Gate.score`): the loaded model must
   accept the job's modalities (FAILED_PRECONDITION otherwise).
 
@@ -24,15 +26,25 @@ import enum
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lychee_server import errors
 from lychee_server.domain import EngineInfo, Modality, RerankJob, RerankResult
 from lychee_server.logs import log_fields, rpc_logger
 from lychee_server.metrics import Metrics
 from lychee_server.scheduler import Scheduler
+from lychee_server.settings import Settings
 
-__all__ = ["REQUEST_ID_KEY", "Call", "Gate", "ServingState", "check_modalities", "request_id_from"]
+__all__ = [
+    "REQUEST_ID_KEY",
+    "BufferBudget",
+    "BufferHold",
+    "Call",
+    "Gate",
+    "ServingState",
+    "check_modalities",
+    "request_id_from",
+]
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
@@ -61,6 +73,7 @@ class Call:
     method: str
     transport: str
     peer: str = ""
+    tenant: str = ""  # whose per-tenant state the call may use (a hash of its API key; "" = shared)
     pairs: int = 0
     code: str = "OK"  # the gRPC status code name, on both doors (one vocabulary for dashboards)
 
@@ -89,11 +102,62 @@ def check_modalities(job: RerankJob, info: EngineInfo) -> None:
         )
 
 
+class BufferBudget:
+    """The server-wide budget of request payload held in memory (``max_buffered_bytes``), shared
+    by both doors: gRPC streams and HTTP bodies.
+
+    Each call takes a :class:`BufferHold` and resizes it as its payload grows (a stream: to its
+    ``committed_bytes`` after every message, so the bytes an ItemStart declares are refused before
+    any of them arrives; an HTTP body: chunk by chunk); growing past the budget raises
+    RESOURCE_EXHAUSTED / OVERLOADED with a retry delay. The hold is released when the call ends
+    (its job, which owns the bytes, is gone then). Event-loop thread only.
+    """
+
+    def __init__(self, limit: int, retry_after_s: float) -> None:
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.used = 0
+
+
+class BufferHold:
+    """One stream's share of a :class:`BufferBudget`."""
+
+    __slots__ = ("_budget", "_metrics", "held")
+
+    def __init__(self, budget: BufferBudget, metrics: Metrics | None = None) -> None:
+        self._budget = budget
+        self._metrics = metrics
+        self.held = 0
+
+    def resize(self, n: int) -> None:
+        budget = self._budget
+        grow = n - self.held
+        if grow > 0 and budget.used + grow > budget.limit:
+            if self._metrics is not None:
+                self._metrics.rejected.labels("max_buffered_bytes").inc()
+            raise errors.ResourceExhausted(
+                f"server at capacity: requests hold {budget.used} bytes, {grow} more declared, "
+                f"limit {budget.limit} (max_buffered_bytes)",
+                reason="OVERLOADED",
+                retry_after=budget.retry_after_s,
+            )
+        budget.used += grow
+        self.held = n
+
+    def release(self) -> None:
+        self._budget.used -= self.held
+        self.held = 0
+
+
 class Gate:
     """Serving state, call accounting and the hand-off to the scheduler, shared by both doors."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, settings: Settings | None = None) -> None:
         self._metrics = metrics
+        self._settings = settings if settings is not None else Settings()
+        self.buffered = BufferBudget(self._settings.max_buffered_bytes, self._settings.retry_after_s)
+        self.authenticated = bool(self._settings.all_api_keys())
+        """Whether callers present API keys (then each key is its own tenant)."""
         self.state = ServingState.LOADING
         self._scheduler: Scheduler | None = None
         self._info: EngineInfo | None = None
@@ -145,14 +209,32 @@ class Gate:
             return False
         return True
 
+    def admit(self) -> None:
+        """Refuse a call past ``max_concurrent_calls`` (counted across both doors, this call
+        included): RESOURCE_EXHAUSTED / OVERLOADED with a retry delay, before any work."""
+        limit = self._settings.max_concurrent_calls
+        if self._active > limit:
+            self._metrics.rejected.labels("max_concurrent_calls").inc()
+            raise errors.ResourceExhausted(
+                f"server at capacity: more than {limit} calls in progress (max_concurrent_calls)",
+                reason="OVERLOADED",
+                retry_after=self._settings.retry_after_s,
+            )
+
+    def hold(self) -> BufferHold:
+        """A share of the server-wide payload budget for one call (release it when the call ends)."""
+        return BufferHold(self.buffered, self._metrics)
+
     @contextlib.contextmanager
-    def call(self, method: str, transport: str, request_id: str, peer: str = "") -> Iterator[Call]:
+    def call(
+        self, method: str, transport: str, request_id: str, peer: str = "", tenant: str = ""
+    ) -> Iterator[Call]:
         """Count one call for its whole life; record its metrics and log line when it ends.
 
         The door sets ``call.code`` (a gRPC status code name) before leaving the block.
         """
         started = time.monotonic()
-        call = Call(request_id=request_id, method=method, transport=transport, peer=peer)
+        call = Call(request_id=request_id, method=method, transport=transport, peer=peer, tenant=tenant)
         self._active += 1
         self._no_active.clear()
         try:
@@ -181,5 +263,7 @@ class Gate:
         """Hand a validated job to the scheduler (``deadline``: absolute ``time.monotonic()``)."""
         call.pairs = len(job.documents)
         scheduler, info = self.require_serving()
+        if call.tenant != job.tenant:
+            job = replace(job, tenant=call.tenant)
         check_modalities(job, info)
         return await scheduler.rerank(job, deadline=deadline)

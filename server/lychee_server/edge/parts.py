@@ -15,21 +15,28 @@ an unknown one is reported by the same rule.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from lychee_server import domain
 from lychee_server.edge.validation import Collector, Slot, utf8_len
+from lychee_server.errors import FieldViolation, InvalidInput
 from lychee_server.settings import Settings
 
 __all__ = [
     "MEDIA_TYPE_NUMBERS",
     "SCORE_KIND_NUMBERS",
+    "ResponsePaths",
+    "check_response_size",
     "content",
     "document_id",
     "image",
     "instruction",
     "limits",
     "options",
+    "require_response_fits",
+    "response_size_bound",
     "text",
 ]
 
@@ -139,3 +146,72 @@ def limits(settings: Settings, info: domain.EngineInfo) -> dict[str, int]:
         "min_pixels": info.min_pixels,
         "max_pixels": info.max_pixels,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The size of the answer, known before scoring
+
+RESPONSE_OVERHEAD = 1024
+"""Bytes of an answer besides its results: usage, timings, the model id, the framing."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsePaths:
+    """How a door names the two options that size its answer (for the error's field and hint)."""
+
+    top_n: str
+    return_text: str
+
+
+def response_size_bound(job: domain.RerankJob, result_overhead: int) -> int:
+    """An upper bound on the size of the job's answer, known before scoring.
+
+    Each result costs ``result_overhead`` (the door's encoding of index, score and framing) plus
+    its id and, with ``return_text``, its text; with ``top_n`` only the ``top_n`` largest results
+    count (which documents rank first is not known yet). ``isascii`` is O(1) in CPython, so ASCII
+    texts are measured without encoding them.
+    """
+    return_text = job.options.return_text
+
+    def cost(doc: domain.Document) -> int:
+        size = result_overhead
+        if doc.id is not None:
+            size += utf8_len(doc.id)
+        text = doc.content.text
+        if return_text and text is not None:
+            size += len(text) if text.isascii() else utf8_len(text)
+        return size
+
+    sizes = (cost(d) for d in job.documents)
+    top_n = job.options.top_n
+    total = sum(heapq.nlargest(top_n, sizes)) if top_n is not None else sum(sizes)
+    return total + RESPONSE_OVERHEAD
+
+
+def check_response_size(
+    job: domain.RerankJob, limit: int, result_overhead: int, paths: ResponsePaths, *, request_id: str = ""
+) -> None:
+    """INVALID_ARGUMENT / RESPONSE_TOO_LARGE before any scoring when the answer would be too large."""
+    bound = response_size_bound(job, result_overhead)
+    if bound > limit:
+        _too_large(bound, limit, paths, request_id, estimated=True)
+
+
+def require_response_fits(size: int, limit: int, paths: ResponsePaths, *, request_id: str = "") -> None:
+    """The same error for a rendered answer (the backstop after scoring)."""
+    if size > limit:
+        _too_large(size, limit, paths, request_id, estimated=False)
+
+
+def _too_large(size: int, limit: int, paths: ResponsePaths, request_id: str, *, estimated: bool) -> None:
+    would = "could be up to" if estimated else "would be"
+    description = (
+        f"the response {would} {size} bytes, over max_message_bytes {limit}; "
+        f"ask for fewer results ({paths.top_n}) or no texts ({paths.return_text})"
+    )
+    raise InvalidInput(
+        description,
+        reason="RESPONSE_TOO_LARGE",
+        violations=[FieldViolation(paths.return_text, description, "RESPONSE_TOO_LARGE")],
+        metadata={"request_id": request_id} if request_id else {},
+    )

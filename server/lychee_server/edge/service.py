@@ -53,9 +53,10 @@ from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
 from lychee_server import errors
 from lychee_server.domain import RerankJob, RerankResult
 from lychee_server.edge import codec
-from lychee_server.edge.gate import REQUEST_ID_KEY, Call, Gate, ServingState, request_id_from
+from lychee_server.edge.auth import bearer_token, tenant_of
+from lychee_server.edge.gate import REQUEST_ID_KEY, BufferHold, Call, Gate, ServingState, request_id_from
 from lychee_server.edge.status import status_for_exception
-from lychee_server.edge.stream import BufferBudget, BufferHold, StreamAssembler, discard_rest
+from lychee_server.edge.stream import StreamAssembler, discard_rest
 from lychee_server.edge.validation import Collector, Slot
 from lychee_server.settings import Settings
 
@@ -107,7 +108,6 @@ class RerankService(pb_grpc.RerankServiceServicer):
         self._settings = settings
         self._gate = gate
         self._version = version
-        self.buffered = BufferBudget(settings.max_buffered_bytes, settings.retry_after_s)
 
     # ------------------------------------------------------------------ RPCs
     async def Rerank(self, request: pb.RerankRequest | bytes, context: Context) -> pb.RerankResponse:
@@ -164,7 +164,7 @@ class RerankService(pb_grpc.RerankServiceServicer):
         finished = asyncio.Event()
         context.add_done_callback(lambda _ctx: finished.set())  # type: ignore[arg-type]
         ended = False
-        hold = self.buffered.hold()
+        hold = self._gate.hold()
         try:
             try:
                 self._gate.require_serving()
@@ -251,23 +251,15 @@ class RerankService(pb_grpc.RerankServiceServicer):
             codec.decode_message(request, pb.GetServerInfoRequest, request_id=call.request_id)
         return codec.server_info_to_pb(self._gate.info, self._settings, self._version)
 
-    def _admit(self) -> None:
-        """Refuse a call past ``max_concurrent_calls`` (this call is already counted by the gate)."""
-        limit = self._settings.max_concurrent_calls
-        if self._gate.active_calls > limit:
-            raise errors.ResourceExhausted(
-                f"server at capacity: more than {limit} calls in progress (max_concurrent_calls)",
-                reason="OVERLOADED",
-                retry_after=self._settings.retry_after_s,
-            )
-
     # ------------------------------------------------------------------ the one wrapper
     async def _serve(self, method: str, context: Context, body: Callable[[Call], Awaitable[_R]]) -> _R:
-        with self._gate.call(method, TRANSPORT, _request_id(context), context.peer()) as call:
+        metadata = context.invocation_metadata()
+        tenant = tenant_of(bearer_token(metadata)) if self._gate.authenticated else ""
+        with self._gate.call(method, TRANSPORT, _request_id(context), context.peer(), tenant) as call:
             id_metadata = ((REQUEST_ID_KEY, call.request_id),)
             try:
                 await context.send_initial_metadata(id_metadata)
-                self._admit()
+                self._gate.admit()
                 result = await body(call)
                 context.set_trailing_metadata(id_metadata)
                 return result

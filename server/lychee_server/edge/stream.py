@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import grpc.aio
 
 from lychee.rerank.v1 import rerank_pb2 as pb
-from lychee_server import domain, errors
+from lychee_server import domain
 from lychee_server.edge.codec import (
     MEDIA_TYPES,
     content_from_pb,
@@ -46,7 +46,7 @@ from lychee_server.edge.codec import (
 from lychee_server.edge.validation import Collector, Slot, utf8_len
 from lychee_server.settings import Settings
 
-__all__ = ["BufferBudget", "BufferHold", "StreamAssembler", "assemble"]
+__all__ = ["StreamAssembler", "assemble"]
 
 _PROTOCOL = "STREAM_PROTOCOL_VIOLATION"
 
@@ -260,51 +260,6 @@ class StreamAssembler:
         c = self._collector()
         c.add(path, reason, description)
         raise c.error()
-
-
-class BufferBudget:
-    """The server-wide budget of stream payload held in memory (``max_buffered_bytes``).
-
-    Each stream takes a :class:`BufferHold` and resizes it to its ``committed_bytes`` after every
-    message; growing past the budget raises RESOURCE_EXHAUSTED / OVERLOADED with a retry delay,
-    at the ItemStart that declares the bytes, before any of them is buffered. The hold is released
-    when the call ends (its job, which owns the bytes, is gone then). Event-loop thread only.
-    """
-
-    def __init__(self, limit: int, retry_after_s: float) -> None:
-        self.limit = limit
-        self.retry_after_s = retry_after_s
-        self.used = 0
-
-    def hold(self) -> BufferHold:
-        return BufferHold(self)
-
-
-class BufferHold:
-    """One stream's share of a :class:`BufferBudget`."""
-
-    __slots__ = ("_budget", "held")
-
-    def __init__(self, budget: BufferBudget) -> None:
-        self._budget = budget
-        self.held = 0
-
-    def resize(self, n: int) -> None:
-        budget = self._budget
-        grow = n - self.held
-        if grow > 0 and budget.used + grow > budget.limit:
-            raise errors.ResourceExhausted(
-                f"server at capacity: streams hold {budget.used} bytes, {grow} more declared, "
-                f"limit {budget.limit} (max_buffered_bytes)",
-                reason="OVERLOADED",
-                retry_after=budget.retry_after_s,
-            )
-        budget.used += grow
-        self.held = n
-
-    def release(self) -> None:
-        self._budget.used -= self.held
-        self.held = 0
 
 
 def assemble(

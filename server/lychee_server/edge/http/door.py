@@ -37,8 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lychee_server import domain, errors
 from lychee_server.edge import parts
-from lychee_server.edge.auth import KeySet, bearer_token, rejection
-from lychee_server.edge.gate import REQUEST_ID_KEY, Call, Gate, request_id_from
+from lychee_server.edge.auth import KeySet, bearer_token, rejection, tenant_of
+from lychee_server.edge.gate import REQUEST_ID_KEY, BufferHold, Call, Gate, request_id_from
 from lychee_server.edge.http import jsoncodec, schema
 from lychee_server.edge.status import TABLE, http_error_for_exception, to_http
 from lychee_server.edge.validation import render_rules_markdown
@@ -53,8 +53,10 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/
 
 THREAD_PARSE_BYTES = 1024 * 1024
 """Bodies larger than this are parsed and validated on a worker thread, not on the event loop."""
-BODY_IDLE_TIMEOUT_S = 30.0
-"""A request body that sends nothing for this long is refused (a stalled upload holds nothing)."""
+JSON_RESULT_OVERHEAD = 128
+"""Bytes one ranked result costs in JSON besides its id and text (keys, index, score, framing)."""
+RERANK_PATHS = parts.ResponsePaths(top_n="top_n", return_text="return_documents")
+TEI_PATHS = parts.ResponsePaths(top_n="texts", return_text="return_text")
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=BaseModel)
@@ -157,10 +159,11 @@ class HttpDoor:
         self, request: Request, method: str, body: Callable[[Call], Awaitable[Response]]
     ) -> Response:
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
-        with self.gate.call(
-            method, TRANSPORT, request_id_from(request.headers.get(REQUEST_ID_KEY)), peer
-        ) as call:
+        tenant = tenant_of(_bearer(request.scope)) if self.gate.authenticated else ""
+        request_id = request_id_from(request.headers.get(REQUEST_ID_KEY))
+        with self.gate.call(method, TRANSPORT, request_id, peer, tenant) as call:
             try:
+                self.gate.admit()
                 response = await body(call)
             except _ClientGone:
                 call.code = "CANCELLED"
@@ -171,9 +174,10 @@ class HttpDoor:
             response.headers[REQUEST_ID_KEY] = call.request_id
             return response
 
-    async def _read_body(self, request: Request, deadline: float | None) -> bytes:
+    async def _read_body(self, request: Request, deadline: float | None, hold: BufferHold) -> bytes:
         """The body, refused with 413 past the limit (by Content-Length before reading, else as the
-        bytes arrive) and with 504 when it stalls or outlives the deadline."""
+        bytes arrive), with 429 past the server-wide payload budget (``hold``), and with 504 when
+        it stalls for ``stream_idle_timeout_s`` or outlives the deadline."""
         limit = self.settings.http_max_body_bytes
         too_large = errors.InvalidInput(
             f"the request body is over the {limit}-byte limit",
@@ -183,25 +187,31 @@ class HttpDoor:
             ],
         )
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large
+        if declared.isdigit():
+            if int(declared) > limit:
+                raise too_large
+            hold.resize(int(declared))  # refused before a byte is read when the server is full
+        idle = self.settings.stream_idle_timeout_s
         chunks: list[bytes] = []
         size = 0
         stream = request.stream().__aiter__()
         while True:
             remaining = _remaining(deadline)
-            wait = BODY_IDLE_TIMEOUT_S if remaining is None else min(BODY_IDLE_TIMEOUT_S, remaining)
+            wait = idle if remaining is None else min(idle, remaining)
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), max(wait, 0.0))
             except StopAsyncIteration:
                 break
             except TimeoutError:
                 raise errors.DeadlineExceeded(
-                    "the request body did not arrive in time", reason="DEADLINE_EXCEEDED"
+                    f"the request body stalled for {idle:g} s (stream_idle_timeout_s) "
+                    "or outlived the deadline"
                 ) from None
             size += len(chunk)
             if size > limit:
                 raise too_large
+            if size > hold.held:
+                hold.resize(size)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -290,28 +300,49 @@ class HttpDoor:
 
     # ------------------------------------------------------------------ rerank bodies
     async def _parse(
-        self, request: Request, model: type[_M], deadline: float | None, call: Call
+        self, request: Request, model: type[_M], deadline: float | None, call: Call, hold: BufferHold
     ) -> tuple[_M, int]:
         self.gate.require_serving()  # refuse before reading a body the server cannot use
-        body = await self._read_body(request, deadline)
+        body = await self._read_body(request, deadline, hold)
         parsed = await self._off_loop(
             len(body), lambda: jsoncodec.parse(body, model, request_id=call.request_id)
         )
         return parsed, len(body)
 
+    def _checked_job(self, job: domain.RerankJob, paths: parts.ResponsePaths) -> domain.RerankJob:
+        """The job, unless its answer could exceed ``max_message_bytes`` (refused before scoring)."""
+        limit = self.settings.max_message_bytes
+        parts.check_response_size(job, limit, JSON_RESULT_OVERHEAD, paths, request_id=job.request_id)
+        return job
+
+    def _answer(self, body: Any, paths: parts.ResponsePaths, request_id: str) -> Response:
+        rendered = orjson.dumps(body)
+        parts.require_response_fits(
+            len(rendered), self.settings.max_message_bytes, paths, request_id=request_id
+        )
+        return Response(rendered, media_type="application/json")
+
     async def _rerank(self, request: Request, call: Call) -> Response:
         t0 = time.monotonic()
         deadline = _deadline(request, self.settings)
-        req, size = await self._parse(request, schema.RerankIn, deadline, call)
-        fetched = await self._fetch_images(req, deadline, call.request_id)
-        size += sum(len(b) for b in fetched.values())
-        job = await self._off_loop(
-            size,
-            lambda: jsoncodec.job_from_rerank(
-                req, self.settings, request_id=call.request_id, fetched=fetched
-            ),
-        )
-        result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
+        hold = self.gate.hold()
+        try:
+            req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
+            fetched = await self._fetch_images(req, deadline, call.request_id)
+            size += sum(len(b) for b in fetched.values())
+            hold.resize(max(hold.held, size))
+            job = await self._off_loop(
+                size,
+                lambda: self._checked_job(
+                    jsoncodec.job_from_rerank(
+                        req, self.settings, request_id=call.request_id, fetched=fetched
+                    ),
+                    RERANK_PATHS,
+                ),
+            )
+            result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
+        finally:
+            hold.release()  # the job (and the bytes it holds) is no longer needed
         warnings = [f"unknown field '{name}' was ignored" for name in jsoncodec.unknown_fields(req)]
         body = jsoncodec.rerank_body(
             _with_total(result, t0),
@@ -319,16 +350,25 @@ class HttpDoor:
             warnings=warnings,
             return_documents=req.return_documents,
         )
-        return _json(body)
+        return self._answer(body, RERANK_PATHS, call.request_id)
 
     async def _tei(self, request: Request, call: Call) -> Response:
         deadline = _deadline(request, self.settings)
-        req, size = await self._parse(request, schema.TeiRerankIn, deadline, call)
-        job = await self._off_loop(
-            size, lambda: jsoncodec.job_from_tei(req, self.settings, request_id=call.request_id)
+        hold = self.gate.hold()
+        try:
+            req, size = await self._parse(request, schema.TeiRerankIn, deadline, call, hold)
+            job = await self._off_loop(
+                size,
+                lambda: self._checked_job(
+                    jsoncodec.job_from_tei(req, self.settings, request_id=call.request_id), TEI_PATHS
+                ),
+            )
+            result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
+        finally:
+            hold.release()
+        return self._answer(
+            jsoncodec.tei_body(result, return_text=req.return_text), TEI_PATHS, call.request_id
         )
-        result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
-        return _json(jsoncodec.tei_body(result, return_text=req.return_text))
 
     async def _info(self, call: Call) -> Response:
         info = self.gate.info
