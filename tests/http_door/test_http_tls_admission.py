@@ -85,3 +85,41 @@ async def test_overload_is_429_with_retry_after_on_both_doors(gated: GatedEngine
                 assert (await client.post("/v1/rerank", json=BODY)).status_code == 200
         finally:
             gated.gate.open()
+
+
+async def test_an_answer_too_large_is_refused_before_scoring(gated: GatedEngine) -> None:
+    async with running_server(engine=gated, max_message_bytes=1024 * 1024) as srv:
+        texts = ["x" * 150_000] * 8  # 1.2 MB of texts to echo back: over max_message_bytes (1 MiB)
+        async with httpx.AsyncClient(base_url=srv.server.http_url, timeout=WAIT) as client:
+            calls_before = gated.gate.calls
+            r = await client.post(
+                "/v1/rerank", json={"query": "q", "documents": texts, "return_documents": True}
+            )
+            assert r.status_code == 400 and r.json()["reason"] == "RESPONSE_TOO_LARGE"
+            assert r.json()["field_violations"][0]["field"] == "return_documents"
+            tei = await client.post("/rerank", json={"query": "q", "texts": texts, "return_text": True})
+            assert tei.json()["reason"] == "RESPONSE_TOO_LARGE"
+            assert gated.gate.calls == calls_before  # nothing was scored
+            ok = await client.post("/v1/rerank", json={"query": "q", "documents": texts, "top_n": 2})
+            assert ok.status_code == 200  # without the texts the answer is small
+
+
+async def test_bodies_share_the_server_wide_payload_budget(gated: GatedEngine) -> None:
+    async with (
+        running_server(engine=gated, max_buffered_bytes=1536 * 1024) as srv,
+        httpx.AsyncClient(base_url=srv.server.http_url, timeout=WAIT) as client,
+    ):
+        gated.gate.close()
+        try:
+            big = {"query": "q", "documents": ["y" * 250_000] * 4}
+            first = asyncio.create_task(client.post("/v1/rerank", json=big))
+            await asyncio.to_thread(gated.gate.entered.wait, WAIT)  # its 1 MB are held
+            r = await client.post("/v1/rerank", json=big)
+            assert r.status_code == 429 and r.json()["reason"] == "OVERLOADED"
+            assert "max_buffered_bytes" in r.json()["message"] and "retry-after" in r.headers
+            gated.gate.open()
+            assert (await first).status_code == 200
+            assert srv.server.gate.buffered.used == 0  # released with the call
+            assert (await client.post("/v1/rerank", json=big)).status_code == 200
+        finally:
+            gated.gate.open()
