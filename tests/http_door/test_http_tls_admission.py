@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -123,3 +124,18 @@ async def test_bodies_share_the_server_wide_payload_budget(gated: GatedEngine) -
             assert (await client.post("/v1/rerank", json=big)).status_code == 200
         finally:
             gated.gate.open()
+
+
+async def test_the_listener_is_tcp_so_responses_are_not_held_by_nagle(gated: GatedEngine) -> None:
+    import socket
+
+    async with running_server(engine=gated) as srv:
+        http = srv.server.http
+        assert http is not None and http._sock is not None
+        assert http._sock.proto == socket.IPPROTO_TCP  # asyncio then sets TCP_NODELAY per connection
+        async with httpx.AsyncClient(base_url=srv.server.http_url) as client:
+            assert (await client.get("/healthz")).status_code == 200  # keep-alive: still open
+            assert http._server is not None
+            live: Any = http._server.server_state.connections  # uvicorn's open connections
+            conns = [c.transport.get_extra_info("socket") for c in live]
+        assert conns and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
