@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -32,7 +33,8 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lychee_server import domain, errors
@@ -48,8 +50,12 @@ from lychee_server.settings import Settings
 __all__ = ["OPEN_PATHS", "TRANSPORT", "HttpDoor"]
 
 TRANSPORT = "http"
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
-"""Routes answered without a bearer token (probes and the public contract); all else is closed."""
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+"""Routes answered without a bearer token (probes, the public contract and the playground page,
+which holds no data: it asks for the token itself); all else is closed."""
+OPEN_PREFIXES = ("/playground/",)
+"""The playground's static files (HTML, CSS, JS shipped in the package), open like the page."""
+PLAYGROUND_DIR = Path(__file__).resolve().parent / "playground"
 
 THREAD_PARSE_BYTES = 1024 * 1024
 """Bodies larger than this are parsed and validated on a worker thread, not on the event loop."""
@@ -92,7 +98,8 @@ class _AuthMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         token = _bearer(scope)
@@ -428,6 +435,12 @@ class HttpDoor:
         )
         async def tei_rerank(request: Request) -> Response:
             return await self._run(request, "/rerank", lambda call: self._tei(request, call))
+
+        @app.get("/", include_in_schema=False)
+        async def playground() -> Response:
+            return FileResponse(PLAYGROUND_DIR / "index.html", media_type="text/html")
+
+        app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
 
         @app.get("/healthz", summary="The process is up (answers while the model loads, too)")
         async def healthz() -> Response:
