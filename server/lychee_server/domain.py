@@ -133,6 +133,25 @@ class RerankResult:
     model: str = ""
 
 
+class Phase(enum.Enum):
+    """Where a request is (see :class:`Progress`)."""
+
+    QUEUED = "queued"  # admitted; the query is being prepared
+    PREPARING = "preparing"  # documents are being tokenized / decoded
+    SCORING = "scoring"  # at least one pair has been scored
+    DONE = "done"  # every pair is scored; the ranking follows
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far one request has come; counts never decrease, ``pairs_scored <= pairs_prepared``."""
+
+    phase: Phase
+    pairs_total: int
+    pairs_prepared: int = 0
+    pairs_scored: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
     """What the loaded engine is and can do (reported by GetServerInfo)."""

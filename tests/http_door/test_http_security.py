@@ -100,7 +100,9 @@ def url(secured: SubprocessServer) -> str:
 AUTH = {"authorization": "Bearer k-two"}
 
 
-@pytest.mark.parametrize("path", ["/", "/playground/index.html", "/healthz", "/readyz", "/openapi.json", "/docs"])
+@pytest.mark.parametrize(
+    "path", ["/", "/playground/index.html", "/healthz", "/readyz", "/openapi.json", "/docs"]
+)
 def test_probe_and_contract_routes_are_open(url: str, path: str) -> None:
     assert httpx.get(f"{url}{path}").status_code == 200
 

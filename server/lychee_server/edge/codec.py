@@ -39,9 +39,11 @@ __all__ = [
     "decode_request",
     "decode_stream_request",
     "document_count",
+    "inner_request",
     "instruction_from_pb",
     "job_from_pb",
     "options_from_pb",
+    "progress_to_pb",
     "require_response_fits",
     "result_to_pb",
     "result_to_stream_pb",
@@ -228,6 +230,56 @@ def _shallow_variant(full_name: str) -> type[Message]:
     pool.AddSerializedFile(duration_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(fdp)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(full_name))
+
+
+@functools.cache
+def _wrapper_variant() -> type[Message]:
+    """``RerankWithProgressRequest`` with its ``request`` field as bytes (a private copy)."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="lychee_private_wrapper.proto", package="lychee.private")
+    msg = fdp.message_type.add(name="Wrapper")
+    t = descriptor_pb2.FieldDescriptorProto
+    msg.field.add(name="request", number=1, type=t.TYPE_BYTES, label=t.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("lychee.private.Wrapper"))
+
+
+def inner_request(
+    data: bytes | pb.RerankWithProgressRequest, *, request_id: str = ""
+) -> bytes | pb.RerankRequest:
+    """The ``RerankRequest`` inside a ``RerankWithProgressRequest``: still as wire bytes when
+    ``data`` is bytes, so it is parsed (and its errors are named) exactly as a ``Rerank`` request."""
+    if isinstance(data, pb.RerankWithProgressRequest):
+        return data.request
+    try:
+        wrapper = _wrapper_variant().FromString(data)
+    except DecodeError:
+        raise InvalidInput(
+            "the request bytes are not a valid RerankWithProgressRequest",
+            reason="INVALID_ARGUMENT",
+            violations=[FieldViolation("request", "is not a valid RerankWithProgressRequest encoding")],
+            metadata={"request_id": request_id} if request_id else {},
+        ) from None
+    return bytes(wrapper.request)  # type: ignore[attr-defined]
+
+
+_PHASES: dict[domain.Phase, pb.ProgressPhase.ValueType] = {
+    domain.Phase.QUEUED: pb.PROGRESS_PHASE_QUEUED,
+    domain.Phase.PREPARING: pb.PROGRESS_PHASE_PREPARING,
+    domain.Phase.SCORING: pb.PROGRESS_PHASE_SCORING,
+    domain.Phase.DONE: pb.PROGRESS_PHASE_DONE,
+}
+
+
+def progress_to_pb(progress: domain.Progress) -> pb.RerankWithProgressResponse:
+    return pb.RerankWithProgressResponse(
+        progress=pb.Progress(
+            phase=_PHASES[progress.phase],
+            pairs_total=progress.pairs_total,
+            pairs_prepared=progress.pairs_prepared,
+            pairs_scored=progress.pairs_scored,
+        )
+    )
 
 
 def document_count(data: bytes) -> int | None:

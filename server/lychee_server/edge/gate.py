@@ -25,11 +25,11 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 from lychee_server import errors
-from lychee_server.domain import EngineInfo, Modality, RerankJob, RerankResult
+from lychee_server.domain import EngineInfo, Modality, Progress, RerankJob, RerankResult
 from lychee_server.logs import log_fields, rpc_logger
 from lychee_server.metrics import Metrics
 from lychee_server.scheduler import Scheduler
@@ -259,11 +259,18 @@ class Gate:
             if self._active == 0:
                 self._no_active.set()
 
-    async def score(self, job: RerankJob, call: Call, deadline: float | None) -> RerankResult:
-        """Hand a validated job to the scheduler (``deadline``: absolute ``time.monotonic()``)."""
+    async def score(
+        self,
+        job: RerankJob,
+        call: Call,
+        deadline: float | None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RerankResult:
+        """Hand a validated job to the scheduler (``deadline``: absolute ``time.monotonic()``;
+        ``on_progress``: see :meth:`Scheduler.rerank`)."""
         call.pairs = len(job.documents)
         scheduler, info = self.require_serving()
         if call.tenant != job.tenant:
             job = replace(job, tenant=call.tenant)
         check_modalities(job, info)
-        return await scheduler.rerank(job, deadline=deadline)
+        return await scheduler.rerank(job, deadline=deadline, on_progress=on_progress)

@@ -51,10 +51,11 @@ import grpc.aio
 from lychee.rerank.v1 import rerank_pb2 as pb
 from lychee.rerank.v1 import rerank_pb2_grpc as pb_grpc
 from lychee_server import errors
-from lychee_server.domain import RerankJob, RerankResult
+from lychee_server.domain import Progress, RerankJob, RerankResult
 from lychee_server.edge import codec
 from lychee_server.edge.auth import bearer_token, tenant_of
 from lychee_server.edge.gate import REQUEST_ID_KEY, BufferHold, Call, Gate, ServingState, request_id_from
+from lychee_server.edge.progress import ProgressMailbox, follow
 from lychee_server.edge.status import status_for_exception
 from lychee_server.edge.stream import StreamAssembler, discard_rest
 from lychee_server.edge.validation import Collector, Slot
@@ -120,6 +121,13 @@ class RerankService(pb_grpc.RerankServiceServicer):
             "RerankStream", context, lambda call: self._rerank_stream(request_iterator, context, call)
         )
 
+    async def RerankWithProgress(  # type: ignore[override]  # grpc.aio: writes via context.write
+        self, request: pb.RerankWithProgressRequest | bytes, context: Context
+    ) -> None:
+        await self._serve(
+            "RerankWithProgress", context, lambda call: self._rerank_with_progress(request, context, call)
+        )
+
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest | bytes, context: Context
     ) -> pb.GetServerInfoResponse:
@@ -139,6 +147,29 @@ class RerankService(pb_grpc.RerankServiceServicer):
         return self._checked(
             codec.result_to_pb(replace(result, timings=replace(result.timings, total=time.monotonic() - t0)))
         )
+
+    async def _rerank_with_progress(
+        self, request: pb.RerankWithProgressRequest | bytes, context: Context, call: Call
+    ) -> None:
+        t0 = time.monotonic()
+        self._gate.require_serving()
+        inner = codec.inner_request(request, request_id=call.request_id)
+        if _size(inner) > _INLINE_PARSE_BYTES:
+            job = await _off_loop(self._parse, inner, call.request_id)
+        else:
+            job = self._parse(inner, call.request_id)
+        mailbox = ProgressMailbox()
+        scoring = asyncio.ensure_future(self._score(job, context, call, on_progress=mailbox.put))
+        try:
+            async for progress in follow(mailbox, scoring):
+                await context.write(codec.progress_to_pb(progress))
+            result = await scoring
+        finally:
+            scoring.cancel()  # a no-op once done; else the caller went away: drop the work
+        response = self._checked(
+            codec.result_to_pb(replace(result, timings=replace(result.timings, total=time.monotonic() - t0)))
+        )
+        await context.write(pb.RerankWithProgressResponse(result=response))
 
     def _parse(self, request: pb.RerankRequest | bytes, request_id: str) -> RerankJob:
         """Wire bytes -> a valid job whose response fits the message limit (any thread)."""
@@ -233,10 +264,16 @@ class RerankService(pb_grpc.RerankServiceServicer):
                 metadata={"stream_idle_timeout_s": f"{idle:g}"},
             ) from exc
 
-    async def _score(self, job: RerankJob, context: Context, call: Call) -> RerankResult:
+    async def _score(
+        self,
+        job: RerankJob,
+        context: Context,
+        call: Call,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RerankResult:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return await self._gate.score(job, call, deadline)
+        return await self._gate.score(job, call, deadline, on_progress)
 
     def _checked(self, response: _Response) -> _Response:
         """Backstop of the size check before scoring: a response over the limit is never sent
@@ -292,6 +329,11 @@ def add_to_server(service: RerankService, server: grpc.aio.Server) -> None:
             service.RerankStream,
             request_deserializer=_passthrough,
             response_serializer=pb.RerankStreamResponse.SerializeToString,
+        ),
+        "RerankWithProgress": grpc.unary_stream_rpc_method_handler(
+            service.RerankWithProgress,
+            request_deserializer=_passthrough,
+            response_serializer=pb.RerankWithProgressResponse.SerializeToString,
         ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
             service.GetServerInfo,

@@ -53,7 +53,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lychee_server import errors
-from lychee_server.domain import Content, RankedDocument, RerankJob, RerankResult, ScoreKind, Timings, Usage
+from lychee_server.domain import (
+    Content,
+    Phase,
+    Progress,
+    RankedDocument,
+    RerankJob,
+    RerankResult,
+    ScoreKind,
+    Timings,
+    Usage,
+)
 from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, probability
 from lychee_server.metrics import Metrics
 from lychee_server.settings import Settings
@@ -101,6 +111,7 @@ class _Request:
     prep_seconds: float = 0.0
     infer_seconds: float = 0.0
     retired: bool = False
+    on_progress: Callable[[Progress], None] | None = None
 
     @property
     def done(self) -> bool:
@@ -220,8 +231,18 @@ class Scheduler:
         return self._state is _State.RUNNING
 
     # ------------------------------------------------------------------ public entry
-    async def rerank(self, job: RerankJob, deadline: float | None = None) -> RerankResult:
+    async def rerank(
+        self,
+        job: RerankJob,
+        deadline: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RerankResult:
         """Score ``job``; ``deadline`` is an absolute ``time.monotonic()`` value (None = none).
+
+        ``on_progress`` is called on the event-loop thread with a :class:`Progress` once the job is
+        admitted (QUEUED), as its pairs are prepared and scored, and with DONE just before the
+        result is set; it must return at once (the doors hand it a latest-value mailbox) and what it
+        raises is logged, never propagated.
 
         Raises the ``errors`` types: ResourceExhausted (not admitted), DeadlineExceeded,
         Unavailable (not started / shutting down), InvalidInput (re-rooted at the bad field),
@@ -256,12 +277,14 @@ class Scheduler:
             remaining=n,
             scores=[math.nan] * n,
             truncated=[False] * n,
+            on_progress=on_progress,
         )
         self._requests.add(req)
         self._inflight_pairs += n
         self._preparing += n
         self._idle.clear()
         self._update_gauges()
+        self._progress(req, Phase.QUEUED)
         req.query_future = self._pool_for(job.query).submit(
             _timed, self._engine.prepare_query, job.instruction, job.query, job.options.max_length, job.tenant
         )
@@ -301,8 +324,21 @@ class Scheduler:
                 req.prep_seconds += seconds
                 self.metrics.preprocess_seconds.labels("query").observe(seconds)
                 if not req.done:
+                    self._progress(req, Phase.PREPARING)
                     self._fill_prep_window(req)
         self._maybe_retire(req)
+
+    @staticmethod
+    def _progress(req: _Request, phase: Phase) -> None:
+        """Tell the caller how far ``req`` has come (event-loop thread; never raises)."""
+        report = req.on_progress
+        if report is None or req.done:
+            return
+        prepared = req.n - req.undelivered
+        try:
+            report(Progress(phase, req.n, prepared, req.n - req.remaining))
+        except Exception:
+            log.exception("an on_progress callback failed (request_id=%s)", req.job.request_id or "-")
 
     def _pool_for(self, content: Content) -> cf.ThreadPoolExecutor:
         """The image threads for content with an image, the text threads otherwise."""
@@ -340,6 +376,7 @@ class Scheduler:
                 req.queued += 1
                 self._update_gauges()
                 self._wakeup.set()
+                self._progress(req, Phase.SCORING if req.remaining < req.n else Phase.PREPARING)
                 self._fill_prep_window(req)
         self._maybe_retire(req)
 
@@ -466,6 +503,7 @@ class Scheduler:
             inference=req.infer_seconds,
             total=now - req.admitted,
         )
+        self._progress(req, Phase.DONE)
         req.fut.set_result(RerankResult(tuple(results), usage, timings, model=self._model_id))
         self._on_done(req)
 
@@ -587,6 +625,8 @@ class Scheduler:
             for req in reqs:
                 if not req.done and req.remaining == 0:
                     self._finish(req)
+                elif not req.done:
+                    self._progress(req, Phase.SCORING)
                 self._maybe_retire(req)
 
     def _score_on_device(self, pairs: Sequence[PreparedPair]) -> tuple[list[_Outcome], float]:

@@ -282,6 +282,38 @@ ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 39
 """HTTP door: no such route (NOT_FOUND) or method (METHOD_NOT_ALLOWED)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
+class _ProgressPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProgressPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProgressPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROGRESS_PHASE_UNSPECIFIED: _ProgressPhase.ValueType  # 0
+    """Never sent."""
+    PROGRESS_PHASE_QUEUED: _ProgressPhase.ValueType  # 1
+    """Admitted; the query is being prepared."""
+    PROGRESS_PHASE_PREPARING: _ProgressPhase.ValueType  # 2
+    """Documents are being tokenized and their images decoded."""
+    PROGRESS_PHASE_SCORING: _ProgressPhase.ValueType  # 3
+    """At least one pair has been scored."""
+    PROGRESS_PHASE_DONE: _ProgressPhase.ValueType  # 4
+    """Every pair is scored; the result follows."""
+
+class ProgressPhase(_ProgressPhase, metaclass=_ProgressPhaseEnumTypeWrapper):
+    """ProgressPhase is where a request is."""
+
+PROGRESS_PHASE_UNSPECIFIED: ProgressPhase.ValueType  # 0
+"""Never sent."""
+PROGRESS_PHASE_QUEUED: ProgressPhase.ValueType  # 1
+"""Admitted; the query is being prepared."""
+PROGRESS_PHASE_PREPARING: ProgressPhase.ValueType  # 2
+"""Documents are being tokenized and their images decoded."""
+PROGRESS_PHASE_SCORING: ProgressPhase.ValueType  # 3
+"""At least one pair has been scored."""
+PROGRESS_PHASE_DONE: ProgressPhase.ValueType  # 4
+"""Every pair is scored; the result follows."""
+Global___ProgressPhase: _TypeAlias = ProgressPhase  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """Image is encoded image bytes with their declared media type."""
@@ -998,3 +1030,95 @@ class GetServerInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class RerankWithProgressRequest(_message.Message):
+    """RerankWithProgressRequest carries one RerankRequest; its rules and limits are those of Rerank,
+    and error field paths are relative to the inner request (e.g. "documents[3].content.text").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___RerankRequest:
+        """The request to score."""
+
+    def __init__(
+        self,
+        *,
+        request: Global___RerankRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankWithProgressRequest: _TypeAlias = RerankWithProgressRequest  # noqa: Y015
+
+@_typing.final
+class Progress(_message.Message):
+    """Progress counts a request's pairs; the counts never decrease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    PAIRS_TOTAL_FIELD_NUMBER: _builtins.int
+    PAIRS_PREPARED_FIELD_NUMBER: _builtins.int
+    PAIRS_SCORED_FIELD_NUMBER: _builtins.int
+    phase: Global___ProgressPhase.ValueType
+    """Where the request is."""
+    pairs_total: _builtins.int
+    """Pairs in the request (one per document)."""
+    pairs_prepared: _builtins.int
+    """Pairs prepared (tokenized, images decoded) so far."""
+    pairs_scored: _builtins.int
+    """Pairs scored so far."""
+    def __init__(
+        self,
+        *,
+        phase: Global___ProgressPhase.ValueType = ...,
+        pairs_total: _builtins.int = ...,
+        pairs_prepared: _builtins.int = ...,
+        pairs_scored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pairs_prepared", b"pairs_prepared", "pairs_scored", b"pairs_scored", "pairs_total", b"pairs_total", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class RerankWithProgressResponse(_message.Message):
+    """RerankWithProgressResponse is one message of the RerankWithProgress stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """How far the request has come."""
+
+    @_builtins.property
+    def result(self) -> Global___RerankResponse:
+        """The ranking, as Rerank returns it; always the last message."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___Progress | None = ...,
+        result: Global___RerankResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___RerankWithProgressResponse: _TypeAlias = RerankWithProgressResponse  # noqa: Y015

@@ -59,6 +59,11 @@ class RerankServiceStub:
                 request_serializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
                 response_deserializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
                 _registered_method=True)
+        self.RerankWithProgress = channel.unary_stream(
+                '/lychee.rerank.v1.RerankService/RerankWithProgress',
+                request_serializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressRequest.SerializeToString,
+                response_deserializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/lychee.rerank.v1.RerankService/GetServerInfo',
                 request_serializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.GetServerInfoRequest.SerializeToString,
@@ -102,6 +107,16 @@ class RerankServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerankWithProgress(self, request, context):
+        """RerankWithProgress scores one request like Rerank and streams how far it has come: Progress
+        messages (monotonic; a slow reader gets fewer, later ones) while its pairs are prepared and
+        scored, then exactly one message with the result. Errors end the stream with the same status
+        details as Rerank. Cancelling the call drops the request's remaining work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """GetServerInfo describes the loaded model and every operating limit so that clients
         can adapt (chunk sizes, batch sizes, image sizes).
@@ -122,6 +137,11 @@ def add_RerankServiceServicer_to_server(servicer, server):
                     servicer.RerankStream,
                     request_deserializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.FromString,
                     response_serializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.SerializeToString,
+            ),
+            'RerankWithProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.RerankWithProgress,
+                    request_deserializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressRequest.FromString,
+                    response_serializer=lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -198,6 +218,33 @@ class RerankService:
             '/lychee.rerank.v1.RerankService/RerankStream',
             lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
             lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankWithProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lychee.rerank.v1.RerankService/RerankWithProgress',
+            lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressRequest.SerializeToString,
+            lychee_dot_rerank_dot_v1_dot_rerank__pb2.RerankWithProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

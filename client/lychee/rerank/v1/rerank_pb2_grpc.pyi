@@ -58,6 +58,12 @@ class RerankServiceStub:
     ItemStart followed by its content as chunks of text bytes or image bytes. Any
     violation of that order is INVALID_ARGUMENT with reason STREAM_PROTOCOL_VIOLATION.
     """
+    RerankWithProgress: _grpc.UnaryStreamMultiCallable[_rerank_pb2.RerankWithProgressRequest, _rerank_pb2.RerankWithProgressResponse]
+    """RerankWithProgress scores one request like Rerank and streams how far it has come: Progress
+    messages (monotonic; a slow reader gets fewer, later ones) while its pairs are prepared and
+    scored, then exactly one message with the result. Errors end the stream with the same status
+    details as Rerank. Cancelling the call drops the request's remaining work.
+    """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_rerank_pb2.GetServerInfoRequest, _rerank_pb2.GetServerInfoResponse]
     """GetServerInfo describes the loaded model and every operating limit so that clients
     can adapt (chunk sizes, batch sizes, image sizes).
@@ -92,6 +98,12 @@ class RerankServiceAsyncStub(RerankServiceStub):
     item (the query if the header does not carry it, then every document in order) as an
     ItemStart followed by its content as chunks of text bytes or image bytes. Any
     violation of that order is INVALID_ARGUMENT with reason STREAM_PROTOCOL_VIOLATION.
+    """
+    RerankWithProgress: _aio.UnaryStreamMultiCallable[_rerank_pb2.RerankWithProgressRequest, _rerank_pb2.RerankWithProgressResponse]  # type: ignore[assignment]
+    """RerankWithProgress scores one request like Rerank and streams how far it has come: Progress
+    messages (monotonic; a slow reader gets fewer, later ones) while its pairs are prepared and
+    scored, then exactly one message with the result. Errors end the stream with the same status
+    details as Rerank. Cancelling the call drops the request's remaining work.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_rerank_pb2.GetServerInfoRequest, _rerank_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """GetServerInfo describes the loaded model and every operating limit so that clients
@@ -136,6 +148,18 @@ class RerankServiceServicer(metaclass=_abc_1.ABCMeta):
         item (the query if the header does not carry it, then every document in order) as an
         ItemStart followed by its content as chunks of text bytes or image bytes. Any
         violation of that order is INVALID_ARGUMENT with reason STREAM_PROTOCOL_VIOLATION.
+        """
+
+    @_abc_1.abstractmethod
+    def RerankWithProgress(
+        self,
+        request: _rerank_pb2.RerankWithProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rerank_pb2.RerankWithProgressResponse], _abc.AsyncIterator[_rerank_pb2.RerankWithProgressResponse]]:
+        """RerankWithProgress scores one request like Rerank and streams how far it has come: Progress
+        messages (monotonic; a slow reader gets fewer, later ones) while its pairs are prepared and
+        scored, then exactly one message with the result. Errors end the stream with the same status
+        details as Rerank. Cancelling the call drops the request's remaining work.
         """
 
     @_abc_1.abstractmethod

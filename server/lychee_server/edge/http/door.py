@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,6 +42,7 @@ from lychee_server.edge import parts
 from lychee_server.edge.auth import KeySet, bearer_token, rejection, tenant_of
 from lychee_server.edge.gate import REQUEST_ID_KEY, BufferHold, Call, Gate, request_id_from
 from lychee_server.edge.http import jsoncodec, schema
+from lychee_server.edge.progress import ProgressMailbox, follow
 from lychee_server.edge.status import TABLE, http_error_for_exception, to_http
 from lychee_server.edge.validation import render_rules_markdown
 from lychee_server.metrics import Metrics
@@ -70,6 +71,40 @@ _M = TypeVar("_M", bound=BaseModel)
 
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class _EventStream(StreamingResponse):
+    """A ``text/event-stream`` answer whose events come from a generator; ``on_close`` callbacks run
+    when the generator ends, however it ends (finished, failed, or the client went away)."""
+
+    def __init__(self, events: Callable[[Callable[[], None]], AsyncIterator[bytes]]) -> None:
+        self._closers: list[Callable[[], None]] = []
+        super().__init__(
+            events(self._close),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def _close(self) -> None:
+        closers, self._closers = self._closers, []
+        for fn in closers:
+            fn()
+
+
+def _event(name: str, data: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _progress_json(p: domain.Progress) -> dict[str, Any]:
+    return {
+        "phase": p.phase.value,
+        "pairs_total": p.pairs_total,
+        "pairs_prepared": p.pairs_prepared,
+        "pairs_scored": p.pairs_scored,
+    }
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -168,7 +203,9 @@ class HttpDoor:
         peer = f"{request.client.host}:{request.client.port}" if request.client else ""
         tenant = tenant_of(_bearer(request.scope)) if self.gate.authenticated else ""
         request_id = request_id_from(request.headers.get(REQUEST_ID_KEY))
-        with self.gate.call(method, TRANSPORT, request_id, peer, tenant) as call:
+        stack = contextlib.ExitStack()  # the call stays open while a streamed answer is sent
+        call = stack.enter_context(self.gate.call(method, TRANSPORT, request_id, peer, tenant))
+        try:
             try:
                 self.gate.admit()
                 response = await body(call)
@@ -179,7 +216,11 @@ class HttpDoor:
                 response, call.code = _error_response(exc, call.request_id)
                 return response
             response.headers[REQUEST_ID_KEY] = call.request_id
+            if isinstance(response, _EventStream):
+                response.on_close(stack.pop_all().close)
             return response
+        finally:
+            stack.close()
 
     async def _read_body(self, request: Request, deadline: float | None, hold: BufferHold) -> bytes:
         """The body, refused with 413 past the limit (by Content-Length before reading, else as the
@@ -359,6 +400,69 @@ class HttpDoor:
         )
         return self._answer(body, RERANK_PATHS, call.request_id)
 
+    async def _rerank_progress(self, request: Request, call: Call) -> Response:
+        """``/v1/rerank/progress``: the same job as ``/v1/rerank``, answered as server-sent events
+        (``progress`` events, then one ``result`` or ``error``). Everything that can fail before
+        the job is admitted -- the body, the rules, admission -- fails as a normal JSON error."""
+        t0 = time.monotonic()
+        deadline = _deadline(request, self.settings)
+        hold = self.gate.hold()
+        streaming = False
+        try:
+            req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
+            fetched = await self._fetch_images(req, deadline, call.request_id)
+            size += sum(len(b) for b in fetched.values())
+            hold.resize(max(hold.held, size))
+            job = await self._off_loop(
+                size,
+                lambda: self._checked_job(
+                    jsoncodec.job_from_rerank(
+                        req, self.settings, request_id=call.request_id, fetched=fetched
+                    ),
+                    RERANK_PATHS,
+                ),
+            )
+            mailbox = ProgressMailbox()
+            scoring = asyncio.ensure_future(self.gate.score(job, call, deadline, mailbox.put))
+            admitted = asyncio.ensure_future(mailbox.wait())
+            try:
+                await asyncio.wait((scoring, admitted), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                admitted.cancel()
+            if scoring.done() and scoring.exception() is not None:
+                raise scoring.exception()  # type: ignore[misc]  # refused (e.g. overload): a JSON error
+            streaming = True
+        finally:
+            if not streaming:
+                hold.release()
+        warnings = [f"unknown field '{name}' was ignored" for name in jsoncodec.unknown_fields(req)]
+
+        async def events(close: Callable[[], None]) -> AsyncIterator[bytes]:
+            try:
+                async for progress in follow(mailbox, scoring):
+                    yield _event("progress", _progress_json(progress))
+                result = await scoring
+                body = jsoncodec.rerank_body(
+                    _with_total(result, t0),
+                    request_id=call.request_id,
+                    warnings=warnings,
+                    return_documents=req.return_documents,
+                )
+                yield _event("result", body)
+            except asyncio.CancelledError:
+                call.code = "CANCELLED"  # the client went away mid-stream
+                raise
+            except Exception as exc:  # after the 200 was sent: the error becomes the last event
+                err = http_error_for_exception(exc, request_id=call.request_id)
+                call.code = err.body["code"]
+                yield _event("error", err.body)
+            finally:
+                scoring.cancel()  # a no-op once done; else the scheduler drops the rest
+                hold.release()
+                close()
+
+        return _EventStream(events)
+
     async def _tei(self, request: Request, call: Call) -> Response:
         deadline = _deadline(request, self.settings)
         hold = self.gate.hold()
@@ -425,6 +529,25 @@ class HttpDoor:
 
         rerank_route("/v1/rerank")
         rerank_route("/v2/rerank")
+
+        @app.post(
+            "/v1/rerank/progress",
+            responses={
+                200: {
+                    "description": "Server-sent events: `progress` ({phase, pairs_total, pairs_prepared, "
+                    "pairs_scored}, monotonic), then one `result` (the /v1/rerank answer) or `error` "
+                    "(an ErrorBody)",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **errors_doc,
+            },
+            openapi_extra=_body_doc(schema.RerankIn),
+            summary="Rank documents and stream progress (server-sent events)",
+        )
+        async def rerank_progress(request: Request) -> Response:
+            return await self._run(
+                request, "/v1/rerank/progress", lambda call: self._rerank_progress(request, call)
+            )
 
         @app.post(
             "/rerank",
