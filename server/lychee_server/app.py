@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -49,7 +52,7 @@ from lychee_server.metrics import Metrics, MetricsHttpServer
 from lychee_server.scheduler import Scheduler
 from lychee_server.settings import Settings
 
-__all__ = ["HEALTH_SERVICES", "LycheeServer", "build_server", "run_server", "server_version"]
+__all__ = ["HEALTH_SERVICES", "LycheeServer", "StartupError", "build_server", "run_server", "server_version"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,79 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 def _host_port(host: str, port: int | None) -> str:
     """``host:port``, with an IPv6 literal in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StartupError(Exception):
+    """A start-up failure the operator can act on (a port taken, a TLS file unreadable): one line
+    on stderr and exit status 1, no traceback (see ``_serve``)."""
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another process listens there)"
+    return exc.strerror or str(exc)
+
+
+def _why_unbindable(host: str, port: int) -> str:
+    """Why grpc could not bind (it reports no errno): a plain bind of the same address tells."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return _os_reason(exc)
+    return "the address could not be bound"
+
+
+def _tls_credentials(s: Settings) -> grpc.ServerCredentials:
+    """gRPC server credentials from the ``tls_*`` files, checked first with :mod:`ssl` so an
+    unreadable file or a cert/key pair that does not match is one clear start-up error."""
+    assert s.tls_cert is not None and s.tls_key is not None
+    data: dict[str, bytes] = {}
+    for flag, path in (
+        ("--tls-cert", s.tls_cert),
+        ("--tls-key", s.tls_key),
+        ("--tls-client-ca", s.tls_client_ca),
+    ):
+        if path is None:
+            continue
+        try:
+            data[flag] = path.read_bytes()
+        except OSError as exc:
+            raise StartupError(f"cannot read the TLS file {flag} {path}: {_os_reason(exc)}") from exc
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(
+            f"--tls-cert {s.tls_cert} / --tls-key {s.tls_key}: not a PEM certificate and its matching "
+            f"private key ({getattr(exc, 'reason', None) or exc})"
+        ) from exc
+    client_ca = data.get("--tls-client-ca")
+    if client_ca is not None:
+        try:
+            ssl.create_default_context(cadata=client_ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise StartupError(
+                f"--tls-client-ca {s.tls_client_ca}: no PEM CA certificate in it ({exc})"
+            ) from exc
+    return grpc.ssl_server_credentials(
+        [(data["--tls-key"], data["--tls-cert"])],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _connection_age_options(s: Settings) -> list[tuple[str, int]]:
+    """``max_connection_age``: the server ends each connection (GOAWAY) after this long, so clients
+    that balance with round_robin over DNS re-resolve and reach replicas added since they
+    connected; calls in flight get the grace period to finish (unset grace = no limit)."""
+    if s.max_connection_age_s is None:
+        return []
+    options = [("grpc.max_connection_age_ms", max(1, round(s.max_connection_age_s * 1000)))]
+    if s.max_connection_age_grace_s is not None:
+        options.append(("grpc.max_connection_age_grace_ms", round(s.max_connection_age_grace_s * 1000)))
+    return options
 
 
 def server_version() -> str:
@@ -97,6 +173,12 @@ class LycheeServer:
         self.settings = settings
         self.engine: Engine | None = engine
         self._owns_engine = engine is None  # loaded by start(), so closed by stop()
+        try:
+            keys = settings.all_api_keys()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot read --api-keys-file {settings.api_keys_file}: {_os_reason(exc)}"
+            ) from exc
         self.metrics = Metrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -106,7 +188,6 @@ class LycheeServer:
         self.health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = False
-        keys = settings.all_api_keys()
         key_set = KeySet(keys) if keys else None
         interceptors = [BearerAuthInterceptor(key_set, self.metrics)] if key_set is not None else []
         self.server = grpc.aio.server(
@@ -120,6 +201,7 @@ class LycheeServer:
                 # our admission (max_concurrent_calls -> RESOURCE_EXHAUSTED + RetryInfo) sees them.
                 ("grpc.server.max_pending_requests", 16384),
                 ("grpc.server.max_pending_requests_hard_limit", 32768),
+                *_connection_age_options(settings),
             ],
         )
         add_to_server(self.service, self.server)
@@ -163,18 +245,18 @@ class LycheeServer:
     def _bind(self) -> int:
         s = self.settings
         address = _host_port(s.host, s.port)
-        if s.tls_cert is None or s.tls_key is None:
-            port = self.server.add_insecure_port(address)
-        else:
-            client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
-            credentials = grpc.ssl_server_credentials(
-                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
-            )
-            port = self.server.add_secure_port(address, credentials)
+        credentials = _tls_credentials(s) if s.tls_cert is not None and s.tls_key is not None else None
+        try:
+            if credentials is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            port = 0
         if port == 0:
-            raise RuntimeError(f"could not bind {address}")
+            raise StartupError(
+                f"cannot listen for gRPC on {address}: {_why_unbindable(s.host, s.port)} (--port)"
+            )
         return port
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
@@ -186,14 +268,26 @@ class LycheeServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._bind()
         if self.http is not None:
-            self.http.bind()  # before the model loads: /healthz answers meanwhile, a taken port fails now
+            try:  # before the model loads: /healthz answers meanwhile, a taken port fails now
+                self.http.bind()
+            except OSError as exc:
+                where = _host_port(self.http.host, self.settings.http_port)
+                raise StartupError(
+                    f"cannot listen for HTTP on {where}: {_os_reason(exc)} (--http-port)"
+                ) from exc
         await self.server.start()
         if self.http is not None:
             await self.http.start()
         if self.settings.metrics_port is not None:
-            self._metrics_http = MetricsHttpServer(
-                self.metrics, self.settings.metrics_host, self.settings.metrics_port
-            )
+            try:
+                self._metrics_http = MetricsHttpServer(
+                    self.metrics, self.settings.metrics_host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                where = _host_port(self.settings.metrics_host, self.settings.metrics_port)
+                raise StartupError(
+                    f"cannot listen for metrics on {where}: {_os_reason(exc)} (--metrics-port)"
+                ) from exc
             self.metrics_port = self._metrics_http.port
         log.info(
             "listening; loading the model",
@@ -307,7 +401,11 @@ def build_server(settings: Settings, engine: Engine | None = None) -> LycheeServ
 
 
 async def _serve(settings: Settings) -> int:
-    server = build_server(settings)
+    try:
+        server = build_server(settings)
+    except StartupError as exc:
+        print(f"lychee-rerank: {exc}", file=sys.stderr, flush=True)
+        return 1
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -323,10 +421,11 @@ async def _serve(settings: Settings) -> int:
         return 0
     stopping.cancel()
     if (exc := starting.exception()) is not None:
-        if isinstance(exc, LycheeError):  # an expected, actionable failure (weights missing, ...)
-            log.error("startup failed: %s", exc.message, extra=log_fields(event="startup_failed"))
+        if isinstance(exc, LycheeError | StartupError):  # expected, actionable (weights missing, port taken)
+            message = exc.message if isinstance(exc, LycheeError) else str(exc)
+            log.error("startup failed: %s", message, extra=log_fields(event="startup_failed"))
             log.debug("startup failure details", exc_info=exc)
-            print(f"lychee-rerank: {exc.message}", file=sys.stderr, flush=True)
+            print(f"lychee-rerank: {message}", file=sys.stderr, flush=True)
         else:
             log.error("startup failed", exc_info=exc, extra=log_fields(event="startup_failed"))
         await server.stop(0)

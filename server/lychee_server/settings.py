@@ -145,6 +145,18 @@ class Settings(BaseSettings):
     api_keys: tuple[SecretStr, ...] = Field((), description="Accepted bearer tokens (empty = no auth).")
     api_keys_file: Path | None = Field(None, description="File with one accepted bearer token per line.")
     grace_period_s: float = Field(30.0, ge=0, description="How long in-flight calls may finish on SIGTERM.")
+    max_connection_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="End each client connection after this many seconds (gRPC GOAWAY; clients reconnect at "
+        "once), so round-robin clients re-resolve DNS and spread over replicas added later (unset = never).",
+    )
+    max_connection_age_grace_s: float | None = Field(
+        None,
+        ge=0,
+        description="After --max-connection-age-s, how long calls still running on that connection may "
+        "finish before it is closed (unset = as long as they take).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(True, description="Structured JSON logs on stderr.")
     warmup: bool = Field(True, description="Run a warm-up forward before reporting SERVING.")
