@@ -403,8 +403,8 @@ def build_server(settings: Settings, engine: Engine | None = None) -> LycheeServ
 async def _serve(settings: Settings) -> int:
     try:
         server = build_server(settings)
-    except StartupError as exc:
-        print(f"lychee-rerank: {exc}", file=sys.stderr, flush=True)
+    except StartupError as err:
+        print(f"lychee-rerank: {err}", file=sys.stderr, flush=True)
         return 1
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
