@@ -29,6 +29,7 @@ CLIENT_API = {
     "LycheeError",
     "MediaType",
     "OverloadedError",
+    "Progress",
     "Query",
     "QueryInput",
     "RankedDocument",
@@ -103,6 +104,7 @@ def test_rerank_signature(cls_name: str) -> None:
         "max_length",
         "return_text",
         "timeout",
+        "on_progress",
     ]
     assert all(params[p].kind is inspect.Parameter.KEYWORD_ONLY for p in list(params)[3:])
 

@@ -15,8 +15,8 @@ from lychee.rerank.v1 import rerank_pb2_grpc
 
 from ._base import INFO_TIMEOUT, ClientBase, remaining
 from ._errors import LycheeError, error_from_rpc
-from ._types import DocumentInput, Limits, QueryInput, RerankResult, ScoreKind, ServerInfo
-from ._wire import decode_result, decode_server_info
+from ._types import DocumentInput, Limits, Progress, QueryInput, RerankResult, ScoreKind, ServerInfo
+from ._wire import decode_result, decode_server_info, with_progress_result_async
 
 _T = TypeVar("_T")
 
@@ -59,6 +59,7 @@ class AsyncLycheeClient(ClientBase):
         max_length: int | None = None,
         return_text: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109 - a gRPC deadline, not a cancel scope
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> RerankResult:
         """Rank ``documents`` by relevance to ``query``; see :meth:`LycheeClient.rerank`."""
         call = self._prepare(
@@ -82,6 +83,16 @@ class AsyncLycheeClient(ClientBase):
             )
             return decode_result(response, n, streamed=True)
         request = call.unary_request()
+        if on_progress is not None:
+            report = on_progress
+            wrapped = pb.RerankWithProgressRequest(request=request)
+            response = await self._with_retries(
+                lambda t: with_progress_result_async(
+                    stub.RerankWithProgress(wrapped, timeout=t, metadata=self._metadata), report
+                ),
+                deadline,
+            )
+            return decode_result(response, n, streamed=False)
         response = await self._with_retries(
             lambda t: stub.Rerank(request, timeout=t, metadata=self._metadata), deadline
         )

@@ -14,8 +14,8 @@ from lychee.rerank.v1 import rerank_pb2_grpc
 
 from ._base import INFO_TIMEOUT, ClientBase, remaining
 from ._errors import LycheeError, error_from_rpc
-from ._types import DocumentInput, Limits, QueryInput, RerankResult, ScoreKind, ServerInfo
-from ._wire import decode_result, decode_server_info
+from ._types import DocumentInput, Limits, Progress, QueryInput, RerankResult, ScoreKind, ServerInfo
+from ._wire import decode_result, decode_server_info, with_progress_result
 
 _T = TypeVar("_T")
 
@@ -64,6 +64,7 @@ class LycheeClient(ClientBase):
         max_length: int | None = None,
         return_text: bool = False,
         timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> RerankResult:
         """Rank ``documents`` by relevance to ``query``.
 
@@ -77,6 +78,10 @@ class LycheeClient(ClientBase):
             max_length: token limit of one (query, document) prompt; text is truncated.
             return_text: echo each document's text in the results.
             timeout: deadline in seconds for this call, retries included (default: the client's).
+            on_progress: called with a :class:`Progress` as the server prepares and scores the
+                pairs (the ``RerankWithProgress`` RPC; payloads too large for one message go
+                over the stream RPC instead, which reports no progress). Called on the calling
+                thread; keep it quick.
 
         Raises:
             InvalidRequestError: the server rejected the input (see ``field_violations``).
@@ -103,6 +108,16 @@ class LycheeClient(ClientBase):
             )
             return decode_result(response, n, streamed=True)
         request = call.unary_request()
+        if on_progress is not None:
+            report = on_progress
+            wrapped = pb.RerankWithProgressRequest(request=request)
+            response = self._with_retries(
+                lambda t: with_progress_result(
+                    self._stub.RerankWithProgress(wrapped, timeout=t, metadata=self._metadata), report
+                ),
+                deadline,
+            )
+            return decode_result(response, n, streamed=False)
         response = self._with_retries(
             lambda t: self._stub.Rerank(request, timeout=t, metadata=self._metadata), deadline
         )

@@ -143,6 +143,20 @@ class RankedDocument:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a request has come (``on_progress`` of ``rerank``); the counts never decrease.
+
+    ``phase`` is ``"queued"``, ``"preparing"`` (documents tokenized, images decoded),
+    ``"scoring"`` or ``"done"``.
+    """
+
+    phase: str
+    pairs_total: int
+    pairs_prepared: int = 0
+    pairs_scored: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """What a request consumed."""
 

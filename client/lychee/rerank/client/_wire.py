@@ -8,7 +8,7 @@ ordinary payloads; ``RerankStream`` exists because a single gRPC message is capp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 from google.protobuf.duration_pb2 import Duration
@@ -22,6 +22,7 @@ from ._types import (
     EncodedImage,
     Limits,
     MediaType,
+    Progress,
     RankedDocument,
     RerankResult,
     ScoreKind,
@@ -183,6 +184,47 @@ def stream_messages(
 
 def _seconds(duration: Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
+
+
+_PHASES = {
+    pb.PROGRESS_PHASE_QUEUED: "queued",
+    pb.PROGRESS_PHASE_PREPARING: "preparing",
+    pb.PROGRESS_PHASE_SCORING: "scoring",
+    pb.PROGRESS_PHASE_DONE: "done",
+}
+
+
+def decode_progress(msg: pb.Progress) -> Progress:
+    return Progress(
+        phase=_PHASES.get(msg.phase, "unknown"),
+        pairs_total=msg.pairs_total,
+        pairs_prepared=msg.pairs_prepared,
+        pairs_scored=msg.pairs_scored,
+    )
+
+
+def with_progress_result(
+    messages: Iterable[pb.RerankWithProgressResponse], on_progress: Callable[[Progress], None]
+) -> pb.RerankResponse:
+    """Hand each progress message to ``on_progress``; return the final result message."""
+    for msg in messages:
+        if msg.HasField("progress"):
+            on_progress(decode_progress(msg.progress))
+        elif msg.HasField("result"):
+            return msg.result
+    raise ServerError("the progress stream ended without a result")
+
+
+async def with_progress_result_async(
+    messages: AsyncIterable[pb.RerankWithProgressResponse], on_progress: Callable[[Progress], None]
+) -> pb.RerankResponse:
+    """The async twin of :func:`with_progress_result`."""
+    async for msg in messages:
+        if msg.HasField("progress"):
+            on_progress(decode_progress(msg.progress))
+        elif msg.HasField("result"):
+            return msg.result
+    raise ServerError("the progress stream ended without a result")
 
 
 def decode_result(
