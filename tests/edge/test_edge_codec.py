@@ -354,3 +354,18 @@ def test_server_info() -> None:
         assert getattr(lim, name) == getattr(S, name), name
     assert (lim.min_pixels, lim.max_pixels) == (3136, 100352)
     assert list(lim.media_types) == [pb.MEDIA_TYPE_JPEG, pb.MEDIA_TYPE_PNG, pb.MEDIA_TYPE_WEBP]
+
+
+def test_document_count_reads_tags_only_and_stops_early() -> None:
+    head = pb.RerankRequest(query=pb.Content(text="q"), instruction="i").SerializeToString()
+    doc = pb.RerankRequest(
+        documents=[pb.Document(id="x", content=pb.Content(text="a b"))]
+    ).SerializeToString()
+    opts = pb.RerankRequest(options=pb.RerankOptions(top_n=3, return_text=True)).SerializeToString()
+    for n in (0, 1, 7, 1500):
+        wire = head + doc * n + opts
+        assert codec.document_count(wire) == n == len(pb.RerankRequest.FromString(wire).documents)
+    assert codec.document_count(head + doc * 5000, stop_after=1000) == 1001
+    assert codec.document_count(head + doc * 10, stop_after=1000) == 10
+    for bad in (b"\xff", b"\x12\x05ab", b"\x0b", head[:-1]):
+        assert codec.document_count(bad) is None

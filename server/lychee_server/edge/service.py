@@ -58,7 +58,7 @@ from lychee_server.edge.gate import REQUEST_ID_KEY, BufferHold, Call, Gate, Serv
 from lychee_server.edge.progress import ProgressMailbox, follow
 from lychee_server.edge.status import status_for_exception
 from lychee_server.edge.stream import StreamAssembler, discard_rest
-from lychee_server.edge.validation import Collector, Slot
+from lychee_server.edge.validation import Collector
 from lychee_server.settings import Settings
 
 __all__ = ["REQUEST_ID_KEY", "SERVICE_NAME", "RerankService", "ServingState", "add_to_server"]
@@ -174,12 +174,13 @@ class RerankService(pb_grpc.RerankServiceServicer):
     def _parse(self, request: pb.RerankRequest | bytes, request_id: str) -> RerankJob:
         """Wire bytes -> a valid job whose response fits the message limit (any thread)."""
         if not isinstance(request, pb.RerankRequest):
-            # Too many documents (millions of tiny ones, say) are refused from a shallow parse,
-            # before the full one and the bad-field search (each would hold the GIL ~0.2 s).
-            count = codec.document_count(request)
-            if count is not None and count > self._settings.max_documents:
+            # Too many documents (millions of tiny ones, say) are refused from the field tags,
+            # before any parse or bad-field search (each would hold the GIL for tens of ms).
+            limit = self._settings.max_documents
+            count = codec.document_count(request, stop_after=limit)  # O(min(documents, limit))
+            if count is not None and count > limit:
                 c = Collector(self._settings, request_id)
-                c.check(Slot.DOCUMENT_COUNT, "documents", count)
+                c.add("documents", "TOO_MANY_DOCUMENTS", f"more than {limit} documents; the limit is {limit}")
                 c.raise_if_any()
             request = codec.decode_request(
                 request, request_id=request_id, max_items=self._settings.max_documents
