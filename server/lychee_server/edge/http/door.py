@@ -370,24 +370,29 @@ class HttpDoor:
         )
         return Response(rendered, media_type="application/json")
 
+    async def _rerank_job(
+        self, request: Request, deadline: float | None, call: Call, hold: BufferHold
+    ) -> tuple[schema.RerankIn, domain.RerankJob]:
+        """Body -> shape -> fetched image URLs -> a checked job (the Cohere/Jina routes)."""
+        req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
+        fetched = await self._fetch_images(req, deadline, call.request_id)
+        size += sum(len(b) for b in fetched.values())
+        hold.resize(max(hold.held, size))
+        job = await self._off_loop(
+            size,
+            lambda: self._checked_job(
+                jsoncodec.job_from_rerank(req, self.settings, request_id=call.request_id, fetched=fetched),
+                RERANK_PATHS,
+            ),
+        )
+        return req, job
+
     async def _rerank(self, request: Request, call: Call) -> Response:
         t0 = time.monotonic()
         deadline = _deadline(request, self.settings)
         hold = self.gate.hold()
         try:
-            req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
-            fetched = await self._fetch_images(req, deadline, call.request_id)
-            size += sum(len(b) for b in fetched.values())
-            hold.resize(max(hold.held, size))
-            job = await self._off_loop(
-                size,
-                lambda: self._checked_job(
-                    jsoncodec.job_from_rerank(
-                        req, self.settings, request_id=call.request_id, fetched=fetched
-                    ),
-                    RERANK_PATHS,
-                ),
-            )
+            req, job = await self._rerank_job(request, deadline, call, hold)
             result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
         finally:
             hold.release()  # the job (and the bytes it holds) is no longer needed
@@ -409,19 +414,7 @@ class HttpDoor:
         hold = self.gate.hold()
         streaming = False
         try:
-            req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
-            fetched = await self._fetch_images(req, deadline, call.request_id)
-            size += sum(len(b) for b in fetched.values())
-            hold.resize(max(hold.held, size))
-            job = await self._off_loop(
-                size,
-                lambda: self._checked_job(
-                    jsoncodec.job_from_rerank(
-                        req, self.settings, request_id=call.request_id, fetched=fetched
-                    ),
-                    RERANK_PATHS,
-                ),
-            )
+            req, job = await self._rerank_job(request, deadline, call, hold)
             mailbox = ProgressMailbox()
             scoring = asyncio.ensure_future(self.gate.score(job, call, deadline, mailbox.put))
             admitted = asyncio.ensure_future(mailbox.wait())

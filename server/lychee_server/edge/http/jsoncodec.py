@@ -18,7 +18,7 @@ the scheduler only ever sees a :class:`~lychee_server.domain.RerankJob`.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -235,6 +235,42 @@ def _enum(value: str | None, names: Mapping[str, int]) -> int | None:
     return None if value is None else names.get(value.strip().lower(), 0)
 
 
+def _job(
+    c: Collector,
+    *,
+    instruction: str | None,
+    query: str | ContentIn,
+    documents: Callable[[], tuple[domain.Document, ...]],
+    top_n: int | None,
+    score_kind: int | None,
+    max_length: int | None,
+    return_text: bool,
+    fetched: Mapping[str, bytes],
+) -> domain.RerankJob:
+    """The parts of a job through the shared rules, in the contract's field order (instruction,
+    query, documents, options, as on the gRPC door), then one error listing every violation."""
+    parsed_instruction = parts.instruction(instruction, "instruction", c)
+    parsed_query = _content(query, "query", c, fetched)
+    parsed_documents = documents()
+    options = parts.options(
+        top_n=top_n,
+        score_kind=score_kind,
+        max_length=max_length,
+        return_text=return_text,
+        path=lambda name: name,
+        c=c,
+    )
+    c.raise_if_any()
+    assert parsed_query is not None
+    return domain.RerankJob(
+        instruction=parsed_instruction,
+        query=parsed_query,
+        documents=parsed_documents,
+        options=options,
+        request_id=c.request_id,
+    )
+
+
 def job_from_rerank(
     req: RerankIn, settings: Settings, *, request_id: str = "", fetched: Mapping[str, bytes] | None = None
 ) -> domain.RerankJob:
@@ -244,42 +280,32 @@ def job_from_rerank(
     """
     c = Collector(settings, request_id)
     got = fetched or {}
-    instruction = parts.instruction(req.instruction, "instruction", c)
-    query = _content(req.query, "query", c, got)
-    documents = _documents(req.documents, "documents", c, got)
-    options = parts.options(
+    return _job(
+        c,
+        instruction=req.instruction,
+        query=req.query,
+        documents=lambda: _documents(req.documents, "documents", c, got),
         top_n=req.top_n,
         score_kind=_enum(req.score_kind, SCORE_KIND_NAMES),
         max_length=req.max_length,
         return_text=req.return_documents,
-        path=lambda name: name,
-        c=c,
-    )
-    c.raise_if_any()
-    assert query is not None
-    return domain.RerankJob(
-        instruction=instruction, query=query, documents=documents, options=options, request_id=request_id
+        fetched=got,
     )
 
 
 def job_from_tei(req: TeiRerankIn, settings: Settings, *, request_id: str = "") -> domain.RerankJob:
     """A TEI-shaped request (``query`` + ``texts``) as a job; ``raw_scores`` = logits."""
     c = Collector(settings, request_id)
-    instruction = parts.instruction(req.instruction, "instruction", c)
-    query = _content(req.query, "query", c, {})
-    documents = _documents(list(req.texts), "texts", c, {})
-    options = parts.options(
+    return _job(
+        c,
+        instruction=req.instruction,
+        query=req.query,
+        documents=lambda: _documents(list(req.texts), "texts", c, {}),
         top_n=None,
         score_kind=2 if req.raw_scores else 1,
         max_length=req.max_length,
         return_text=req.return_text,
-        path=lambda name: name,
-        c=c,
-    )
-    c.raise_if_any()
-    assert query is not None
-    return domain.RerankJob(
-        instruction=instruction, query=query, documents=documents, options=options, request_id=request_id
+        fetched={},
     )
 
 
