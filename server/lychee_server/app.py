@@ -50,6 +50,7 @@ from lychee_server.errors import LycheeError
 from lychee_server.logs import configure_logging, log_fields
 from lychee_server.metrics import Metrics, MetricsHttpServer
 from lychee_server.scheduler import Scheduler
+from lychee_server.sdnotify import notify
 from lychee_server.settings import Settings
 
 __all__ = ["HEALTH_SERVICES", "LycheeServer", "StartupError", "build_server", "run_server", "server_version"]
@@ -441,7 +442,9 @@ async def _serve(settings: Settings) -> int:
         ),
         flush=True,
     )
+    notify("READY=1")  # systemd Type=notify (no-op without NOTIFY_SOCKET)
     await stop_requested.wait()
+    notify("STOPPING=1")
     await server.stop(settings.grace_period_s)
     return 0
 

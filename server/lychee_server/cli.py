@@ -4,21 +4,99 @@
 both a ``--flag`` and a ``LYCHEE_*`` environment variable, documented once (in the field's
 description). A flag given on the command line wins over the environment; the resulting
 frozen Settings object is the only configuration any part of the server sees.
+
+The client-side commands (``rank --target``, ``info``) work from the base install (grpcio +
+protobuf): nothing here imports pydantic, torch or the server modules at import time. A command
+whose extra is not installed says so in one line (:data:`EXTRA_OF_MODULE`), with the install
+command for the wheel, checkout or git URL this package was installed from.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
 import types
 import typing
 from collections.abc import Sequence
-from typing import Any
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr, ValidationError
+if TYPE_CHECKING:
+    from lychee_server.settings import Settings
 
-from lychee_server.settings import Settings
+# Third-party modules -> the extra that installs them (a missing one ends a command in one line).
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(
+        (
+            "torch",
+            "torchvision",
+            "transformers",
+            "safetensors",
+            "PIL",
+            "simplejpeg",
+            "pydantic",
+            "pydantic_settings",
+            "grpc_health",
+            "grpc_reflection",
+            "prometheus_client",
+            "httpx",
+            "fastapi",
+            "starlette",
+            "uvicorn",
+            "httptools",
+            "orjson",
+            "tokenizers",
+            "numpy",
+        ),
+        "server",
+    ),
+    "pytrec_eval": "eval",
+    "rank_bm25": "eval",
+}
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds ``extra`` to this install: from the wheel, directory or git URL it
+    came from (PEP 610 ``direct_url.json``), else by name."""
+    spec = f"lychee-rerank[{extra}]"
+    try:
+        raw = metadata.distribution("lychee-rerank").read_text("direct_url.json")
+        direct = json.loads(raw) if raw else None
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = None
+    if isinstance(direct, dict) and isinstance(direct.get("url"), str):
+        url: str = direct["url"]
+        vcs = direct.get("vcs_info")
+        if isinstance(vcs, dict):
+            ref = vcs.get("requested_revision") or vcs.get("commit_id")
+            spec = f"lychee-rerank[{extra}] @ {vcs.get('vcs', 'git')}+{url}" + (f"@{ref}" if ref else "")
+        elif url.startswith("file://"):
+            spec = f"{url.removeprefix('file://')}[{extra}]"
+        else:
+            spec = f"lychee-rerank[{extra}] @ {url}"
+    return f"pip install '{spec}'"
+
+
+def missing_extra_line(command: str, module: str) -> str | None:
+    """One line for a command whose extra is not installed (``module`` could not be imported)."""
+    extra = EXTRA_OF_MODULE.get(module.split(".")[0])
+    if extra is None:
+        return None
+    return (
+        f"lychee-rerank {command}: needs the [{extra}] extra (no module named {module!r}); "
+        f"install it with: {install_hint(extra)}"
+    )
+
+
+def _server_extra_missing() -> str | None:
+    """The first server-extra module that is not installed, or None."""
+    for name in ("pydantic", "pydantic_settings", "torch", "transformers"):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
 
 
 def _field_kind(annotation: Any) -> tuple[str, Any]:
@@ -40,6 +118,8 @@ def _field_kind(annotation: Any) -> tuple[str, Any]:
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per Settings field; defaults stay None so the environment can fill them."""
+    from lychee_server.settings import Settings
+
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = field.default
@@ -75,6 +155,10 @@ def _port_or_off(value: str) -> int | str:
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
+    from pydantic import SecretStr
+
+    from lychee_server.settings import Settings
+
     given: dict[str, Any] = {}
     for name in Settings.model_fields:
         value = getattr(ns, name, None)
@@ -154,8 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the gRPC server",
         description="Run the lychee.rerank.v1 gRPC server. Every flag is also a LYCHEE_* variable.",
     )
-    add_settings_arguments(serve)
-    serve.set_defaults(func=_cmd_serve)
+    if (missing := _server_extra_missing()) is None:
+        add_settings_arguments(serve)
+        serve.set_defaults(func=_cmd_serve)
+    else:  # the base install: main() says which extra serving needs, whatever the flags
+        serve.set_defaults(func=_missing_extra_cmd("serve", missing))
 
     rank = sub.add_parser(
         "rank",
@@ -213,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
 
+    info = sub.add_parser(
+        "info",
+        help="show what a running server serves (model, device, limits)",
+        description="Print GetServerInfo of a running server: model, revision, dtype, device, "
+        "modalities, limits, version. Needs only the base install.",
+    )
+    from lychee_server.info import add_info_arguments
+
+    add_info_arguments(info)
+    info.set_defaults(func=_cmd_info)
+
     mk = sub.add_parser(
         "make-test-checkpoint",
         help="write a tiny random-weight Qwen2.5-VL checkpoint (for tests; scores mean nothing)",
@@ -223,16 +321,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cmd_info(ns: argparse.Namespace) -> int:
+    from lychee_server.info import run_info
+
+    return run_info(ns)
+
+
+def _missing_extra_cmd(command: str, module: str) -> Any:
+    def run(ns: argparse.Namespace) -> int:
+        print(missing_extra_line(command, module), file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _is_validation_error(err: BaseException) -> bool:
+    pydantic = sys.modules.get("pydantic")
+    return pydantic is not None and isinstance(err, pydantic.ValidationError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["serve"] and (missing := _server_extra_missing()) is not None:
+        return int(_missing_extra_cmd("serve", missing)(argparse.Namespace()))
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(args)
     try:
         return int(ns.func(ns))
-    except ValidationError as err:
-        print(f"lychee-rerank: invalid settings:\n{err}", file=sys.stderr)
+    except ModuleNotFoundError as err:
+        line = missing_extra_line(ns.command, err.name or "") if err.name else None
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        if not _is_validation_error(err):
+            raise
+        print(f"lychee-rerank: invalid settings:\n{err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
