@@ -151,3 +151,14 @@ def test_manifests_wire_probes_gpu_scaling_and_connection_age() -> None:
     assert docs[("PodDisruptionBudget", "lychee-rerank")]["spec"]["maxUnavailable"] == 1
     monitor = docs[("ServiceMonitor", "lychee-rerank")]
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_systemd_env_example_names_real_settings() -> None:
+    from lychee_server.settings import Settings
+
+    names = set()
+    for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines():
+        line = line.lstrip("# ").strip()
+        if line.startswith("LYCHEE_") and "=" in line:
+            names.add(line.split("=", 1)[0].removeprefix("LYCHEE_").lower())
+    assert names and names <= set(Settings.model_fields), names - set(Settings.model_fields)
