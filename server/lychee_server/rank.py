@@ -5,9 +5,13 @@ Documents are files, folders (searched recursively, hidden entries ignored) or g
 animation) become image documents, text files (.txt .md .rst .csv .json .html ...) text
 documents, and anything else is skipped and listed. Scoring goes through a running server
 (``--target``) with the Python client, or in-process (``--model``) through the very scheduler
-and engine the server uses. Work is sent in slices of ``--batch-size`` documents so a progress
-bar can follow long jobs; every pair is scored independently, so slicing does not change any
-score.
+and engine the server uses. The progress bar follows the server's progress stream
+(``RerankWithProgress``; in-process, the scheduler's progress reports) as pairs are scored, so
+the files go in as few requests as the server takes: each request carries up to its
+``max_documents`` files and about half its message limit in bytes (under the size at which the
+client streams a request, which reports no progress), or ``--batch-size`` files when given. Files
+are read per request, so a folder of thousands of photos never sits in memory at once; every
+pair is scored independently, so how the files are split does not change any score.
 
 A file that cannot be ranked (unreadable, empty, corrupt, not the image its name says) is
 reported under its own name, never as ``documents[i]``: the server's field paths are mapped
@@ -106,7 +110,19 @@ def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", help="task instruction (default: the model's web-search one)")
     parser.add_argument("--top-n", type=int, help="show only the best N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--batch-size", type=int, default=16, help="documents per request")
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="REPORT",
+        help="also write the ranking as one self-contained HTML file (a grid of thumbnails, text "
+        "snippets and scores; opens offline)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="at most this many documents per request (default: as many as the server takes in one "
+        "request: its max_documents, and about half its message limit in bytes)",
+    )
     parser.add_argument("--skip-bad", action="store_true", help=SKIP_BAD_HELP)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="a running server, host:port")
@@ -193,7 +209,23 @@ def load(path: Path) -> FileDoc:
     return FileDoc(path, text, None)
 
 
-ScoreFn = Callable[[Sequence[FileDoc]], list[float]]
+ScoreFn = Callable[..., list[float]]
+"""``score(docs)`` -> scores in input order; the scorers here also take ``on_progress=``, a
+:data:`ProgressFn` called as the request's pairs are scored."""
+ProgressFn = Callable[[str, int], None]
+"""``(phase, pairs_scored)`` of the request in flight: queued, preparing, scoring, done."""
+
+
+@dataclass(frozen=True)
+class SliceLimits:
+    """How much one request may carry: documents, and bytes of file content."""
+
+    max_documents: int
+    max_bytes: int
+
+
+IN_PROCESS_SLICE_BYTES = 256 * 1024 * 1024
+"""In-process there is no message limit; this bounds the file bytes held for one request."""
 
 _DOCUMENT_FIELD = re.compile(r"^documents\[(\d+)\](?:\.(.+))?$")
 _DOCUMENT_MENTION = re.compile(r"documents\[(\d+)\](?:\.[\w.\[\]]+)?")
@@ -229,7 +261,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
+def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool, SliceLimits]:
     from lychee.rerank.client import Doc, EncodedImage, LycheeClient, LycheeError, MediaType, Query
 
     api_key = ns.api_key or os.environ.get("LYCHEE_API_KEY")
@@ -243,15 +275,16 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None],
     except ValueError as err:
         raise FatalError(str(err)) from err
 
-    def score(docs: Sequence[FileDoc]) -> list[float]:
+    def score(docs: Sequence[FileDoc], on_progress: ProgressFn | None = None) -> list[float]:
         batch = [
             Doc(
                 text=d.text, image=EncodedImage(d.image, cast("MediaType", d.media_type)) if d.image else None
             )
             for d in docs
         ]
+        follow = None if on_progress is None else (lambda p: on_progress(p.phase, p.pairs_scored))
         try:
-            result = client.rerank(query, batch, instruction=ns.instruction)
+            result = client.rerank(query, batch, instruction=ns.instruction, on_progress=follow)
         except LycheeError as err:
             per_doc = document_errors(((v.field, v.description) for v in err.field_violations), len(docs))
             if per_doc is not None:
@@ -260,11 +293,17 @@ def _client_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None],
         return _scores_in_input_order(result.results, len(docs))
 
     try:
-        random_weights = client.server_info().random_weights
+        info = client.server_info()
     except LycheeError as err:
         client.close()
         raise FatalError(_one_line(str(err))) from err
-    return score, client.close, random_weights
+    # Half the message limit keeps a request under the client's streaming threshold (3/4 of it),
+    # so it goes over RerankWithProgress and the bar moves as its pairs are scored.
+    limits = SliceLimits(
+        max_documents=max(1, info.limits.max_documents or 1000),
+        max_bytes=max(1, (info.limits.max_message_bytes or 4 * 1024 * 1024) // 2),
+    )
+    return score, client.close, info.random_weights, limits
 
 
 def _query_image(ns: argparse.Namespace) -> Any:
@@ -279,7 +318,7 @@ def _query_image(ns: argparse.Namespace) -> Any:
         raise FatalError(f"--query-image {err}") from err
 
 
-def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool]:
+def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], None], bool, SliceLimits]:
     from lychee_server.domain import DEFAULT_INSTRUCTION, Content, Document, ImageInput, MediaType, RerankJob
     from lychee_server.engine import load_engine
     from lychee_server.errors import LycheeError
@@ -300,7 +339,7 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
         img = ImageInput(image, MediaType(media_type)) if image is not None and media_type else None
         return Content(text=text, image=img)
 
-    def score(docs: Sequence[FileDoc]) -> list[float]:
+    def score(docs: Sequence[FileDoc], on_progress: ProgressFn | None = None) -> list[float]:
         # A fresh query value per job: the engine groups (and cancels) a request's image decodes
         # by the identity of its query object, so two jobs must never share one.
         query = content(
@@ -313,8 +352,9 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
             query=query,
             documents=tuple(Document(content(d.text, d.image, d.media_type)) for d in docs),
         )
+        follow = None if on_progress is None else (lambda p: on_progress(p.phase.value, p.pairs_scored))
         try:
-            result = loop.run_until_complete(scheduler.rerank(job))
+            result = loop.run_until_complete(scheduler.rerank(job, on_progress=follow))
         except LycheeError as err:
             per_doc = document_errors(((v.field, v.description) for v in err.violations), len(docs))
             if per_doc is not None:
@@ -326,18 +366,56 @@ def _inprocess_scorer(ns: argparse.Namespace) -> tuple[ScoreFn, Callable[[], Non
         loop.run_until_complete(scheduler.stop())
         loop.close()
 
-    return score, close, engine.info.random_weights
+    limits = SliceLimits(max_documents=settings.max_documents, max_bytes=IN_PROCESS_SLICE_BYTES)
+    return score, close, engine.info.random_weights, limits
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def slices(paths: Sequence[Path], batch_size: int | None, limits: SliceLimits | None) -> list[list[Path]]:
+    """``paths`` cut into requests: at most ``batch_size`` files each (when given) and within
+    ``limits`` (documents, and file bytes; a file larger than the byte limit goes alone)."""
+    most = batch_size if batch_size is not None else (limits.max_documents if limits else len(paths))
+    if limits is not None:
+        most = min(most, limits.max_documents)
+    most = max(1, most)
+    budget = limits.max_bytes if limits is not None else None
+    out: list[list[Path]] = []
+    current: list[Path] = []
+    size = 0
+    for p in paths:
+        n = _file_size(p) if budget is not None else 0
+        if current and (len(current) >= most or (budget is not None and size + n > budget)):
+            out.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += n
+    if current:
+        out.append(current)
+    return out
 
 
 def rank_files(
-    paths: Sequence[Path], score: ScoreFn, batch_size: int, progress: bool, *, skip_bad: bool = False
+    paths: Sequence[Path],
+    score: ScoreFn,
+    batch_size: int | None,
+    progress: bool,
+    *,
+    skip_bad: bool = False,
+    limits: SliceLimits | None = None,
 ) -> Outcome:
-    """Score ``paths`` in slices of ``batch_size``; each slice's files are read only for its call,
-    so a folder of thousands of photos never sits in memory at once.
+    """Score ``paths`` in as few requests as :func:`slices` allows; each request's files are read
+    only for its call, so a folder of thousands of photos never sits in memory at once. With
+    ``progress``, the bar follows each request's pairs as they are scored (``on_progress``).
 
     Bad files (found by :func:`probe` up front, by :func:`load`, or named by the scorer's
     :class:`DocumentErrors`) stop the run unless ``skip_bad``; then they are left out and the
-    slice is sent again without them, so a good file is never dropped for a bad neighbour.
+    request is sent again without them, so a good file is never dropped for a bad neighbour.
     """
     from rich.progress import Progress
 
@@ -349,8 +427,8 @@ def rank_files(
     scored: list[tuple[float, Path]] = []
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("ranking", total=len(todo))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        done = 0
+        for chunk in slices(todo, batch_size, limits):
             docs: list[FileDoc] = []
             for p in chunk:
                 try:
@@ -359,9 +437,17 @@ def rank_files(
                     failed.append(bad)
             if failed and not skip_bad:
                 return Outcome([], failed, stopped=True)
+            high = [done]  # the bar never moves back, not even when a request is sent again
+
+            def follow(
+                phase: str, pairs_scored: int, base: int = done, cap: int = len(chunk), high: list[int] = high
+            ) -> None:
+                high[0] = max(high[0], base + min(pairs_scored, cap))
+                bar.update(task, completed=high[0], description=phase)
+
             while docs:  # each round drops at least one document, so this ends
                 try:
-                    scores = score(docs)
+                    scores = score(docs, on_progress=follow) if progress else score(docs)
                 except DocumentErrors as err:
                     failed.extend(BadFile(docs[i].path, reason) for i, reason in sorted(err.errors.items()))
                     if not skip_bad:
@@ -370,7 +456,8 @@ def rank_files(
                     continue
                 scored.extend(zip(scores, (d.path for d in docs), strict=True))
                 break
-            bar.advance(task, len(chunk))
+            done += len(chunk)
+            bar.update(task, completed=done, description="ranking")
     order = sorted(range(len(scored)), key=lambda i: (-scored[i][0], i))
     ranked = [Ranked(rank + 1, scored[i][0], scored[i][1]) for rank, i in enumerate(order)]
     return Outcome(ranked, failed, stopped=False)
@@ -416,6 +503,38 @@ def _report_unsupported(paths: Sequence[Path]) -> None:
     print(f"{PROG}: skipped {len(paths)} files of unsupported types: {kinds}", file=sys.stderr)
 
 
+def _write_html(
+    ns: argparse.Namespace,
+    ranked: Sequence[Ranked],
+    outcome: Outcome,
+    unsupported: Sequence[Path],
+    random_weights: bool,
+) -> bool:
+    """Write the ``--html`` report; False (and one line on stderr) when it cannot be written."""
+    from lychee_server.domain import DEFAULT_INSTRUCTION
+    from lychee_server.report_html import ReportDocument, render_report, write_report
+
+    docs = [ReportDocument(r.rank, r.score, r.path, r.path.suffix.lower() in IMAGE_SUFFIXES) for r in ranked]
+    text = render_report(
+        docs,
+        query=ns.query,
+        query_image=ns.query_image,
+        instruction=ns.instruction or DEFAULT_INSTRUCTION,
+        source=f"server {ns.target}" if ns.target else f"model {ns.model} (in-process)",
+        failed=[(bad.path, _one_line(bad.reason)) for bad in outcome.failed],
+        unsupported=unsupported,
+        random_weights=random_weights,
+        total_ranked=len(outcome.ranked),
+    )
+    try:
+        write_report(ns.html, text)
+    except OSError as err:
+        print(f"{PROG}: cannot write --html {str(ns.html)!r}: {err.strerror or err}", file=sys.stderr)
+        return False
+    print(f"{PROG}: wrote {ns.html}", file=sys.stderr)
+    return True
+
+
 def run_rank(ns: argparse.Namespace) -> int:
     if ns.query is None and ns.query_image is None:
         print(f"{PROG}: give --query and/or --query-image", file=sys.stderr)
@@ -430,14 +549,15 @@ def run_rank(ns: argparse.Namespace) -> int:
         print(f"{PROG}: no image or text files found", file=sys.stderr)
         return 2
     try:
-        score, close, random_weights = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
+        score, close, random_weights, limits = _client_scorer(ns) if ns.target else _inprocess_scorer(ns)
         try:
             outcome = rank_files(
                 found.paths,
                 score,
-                max(1, ns.batch_size),
+                None if ns.batch_size is None else max(1, ns.batch_size),
                 progress=not ns.json and sys.stderr.isatty(),
                 skip_bad=ns.skip_bad,
+                limits=limits,
             )
         finally:
             close()
@@ -460,6 +580,8 @@ def run_rank(ns: argparse.Namespace) -> int:
     ranked = outcome.ranked if ns.top_n is None else outcome.ranked[: ns.top_n]
     if outcome.ranked:
         render(ranked, ns.json, random_weights)
+        if ns.html is not None and not _write_html(ns, ranked, outcome, found.unsupported, random_weights):
+            return 1
     skipped = failed_paths + found.unsupported
     summary = f"{PROG}: ranked {len(outcome.ranked)} file{'s' if len(outcome.ranked) != 1 else ''}"
     if skipped:
