@@ -642,7 +642,7 @@ async def test_tls_tokens_metrics_and_reflection(tiny_checkpoint: Path, tmp_path
                 if svc.name == "RerankService"
                 for m in svc.method
             }
-            assert methods == {"Rerank", "RerankStream", "GetServerInfo"}, files
+            assert methods == {"Rerank", "RerankStream", "RerankWithProgress", "GetServerInfo"}, files
 
         # A plaintext client cannot talk to the TLS port, and nothing reaches the service.
         before_plain = await scrape(url)
