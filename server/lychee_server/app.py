@@ -52,6 +52,8 @@ from lychee_server.metrics import Metrics, MetricsHttpServer
 from lychee_server.scheduler import Scheduler
 from lychee_server.sdnotify import notify
 from lychee_server.settings import Settings
+from lychee_server.tracing import Tracing, TracingError
+from lychee_server.tracing import from_settings as tracing_from_settings
 
 __all__ = ["HEALTH_SERVICES", "LycheeServer", "StartupError", "build_server", "run_server", "server_version"]
 
@@ -170,7 +172,9 @@ def _device_memory_source(engine: Engine) -> Callable[[], float] | None:
 class LycheeServer:
     """One gRPC server with its scheduler, health, reflection and metrics (see the module doc)."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine | None = None, *, tracing: Tracing | None = None
+    ) -> None:
         self.settings = settings
         self.engine: Engine | None = engine
         self._owns_engine = engine is None  # loaded by start(), so closed by stop()
@@ -184,7 +188,13 @@ class LycheeServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.scheduler: Scheduler | None = None
-        self.gate = Gate(self.metrics, settings)
+        try:  # None when tracing is off (--otlp-endpoint / OTEL_*); then opentelemetry is not imported
+            self.tracing = (
+                tracing if tracing is not None else tracing_from_settings(settings, server_version())
+            )
+        except TracingError as exc:
+            raise StartupError(str(exc)) from exc
+        self.gate = Gate(self.metrics, settings, self.tracing)
         self.service = RerankService(settings, self.gate, server_version())
         self.health = HealthServicer()
         self._metrics_http: MetricsHttpServer | None = None
@@ -357,6 +367,9 @@ class LycheeServer:
         if http is not None:
             # close() waits for the HTTP thread's poll loop (up to 0.5 s): not on the event loop.
             await asyncio.to_thread(http.close)
+        if self.tracing is not None:  # send the last spans; a collector that is down cannot hold the exit
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_in_daemon_thread(self.tracing.shutdown), 5.0)
         log.info("stopped", extra=log_fields(event="stopped", clean=finished))
 
     async def wait_for_termination(self) -> None:
@@ -396,9 +409,12 @@ async def _in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
     return await fut
 
 
-def build_server(settings: Settings, engine: Engine | None = None) -> LycheeServer:
-    """A configured, not yet started server (``engine=None``: ``load_engine(settings)`` on start)."""
-    return LycheeServer(settings, engine)
+def build_server(
+    settings: Settings, engine: Engine | None = None, *, tracing: Tracing | None = None
+) -> LycheeServer:
+    """A configured, not yet started server (``engine=None``: ``load_engine(settings)`` on start;
+    ``tracing=None``: from the settings and ``OTEL_*``, usually off)."""
+    return LycheeServer(settings, engine, tracing=tracing)
 
 
 async def _serve(settings: Settings) -> int:

@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(10.0, gt=0, description="Time limit of one image URL fetch.")
     metrics_port: int | None = Field(9400, description="Prometheus /metrics port (unset = no metrics).")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry: send traces by OTLP to this collector (e.g. http://127.0.0.1:4317; "
+        "needs the 'tracing' extra). Unset = off, unless the standard OTEL_* variables turn it on.",
+    )
     tls_cert: Path | None = Field(None, description="PEM server certificate (enables TLS).")
     tls_key: Path | None = Field(None, description="PEM server private key.")
     tls_client_ca: Path | None = Field(

@@ -12,7 +12,10 @@ and drained together. The gate owns
 * server-wide admission before any work: ``max_concurrent_calls`` (:meth:`Gate.admit`) and the
   ``max_buffered_bytes`` budget of request payload held in memory (:meth:`Gate.hold`);
 * the last checks before work reaches the scheduler (:meth:`Gate.score`): the loaded model must
-  accept the job's modalities (FAILED_PRECONDITION otherwise).
+  accept the job's modalities (FAILED_PRECONDITION otherwise);
+* the call's trace when tracing is on (:mod:`lychee_server.tracing`): the ``rerank`` span, child
+  of the caller's W3C ``traceparent`` (the door hands its metadata or headers to :meth:`Gate.call`),
+  reachable by the door as ``call.span(...)`` and by the scheduler as the job's trace.
 
 No grpc, HTTP, protobuf or JSON types here: a door turns its own request into a ``RerankJob`` and
 its own deadline into an absolute ``time.monotonic()`` value, then calls :meth:`Gate.score`.
@@ -25,8 +28,10 @@ import contextlib
 import enum
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lychee_server import errors
 from lychee_server.domain import EngineInfo, Modality, Progress, RerankJob, RerankResult
@@ -34,6 +39,7 @@ from lychee_server.logs import log_fields, rpc_logger
 from lychee_server.metrics import Metrics
 from lychee_server.scheduler import Scheduler
 from lychee_server.settings import Settings
+from lychee_server.tracing import CallTrace, Tracing
 
 __all__ = [
     "REQUEST_ID_KEY",
@@ -48,6 +54,7 @@ __all__ = [
 
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
+_NO_SPAN: AbstractContextManager[Any] = contextlib.nullcontext()
 
 
 class ServingState(enum.Enum):
@@ -76,6 +83,18 @@ class Call:
     tenant: str = ""  # whose per-tenant state the call may use (a hash of its API key; "" = shared)
     pairs: int = 0
     code: str = "OK"  # the gRPC status code name, on both doors (one vocabulary for dashboards)
+    trace: CallTrace | None = None  # None when tracing is off
+
+    def span(self, name: str, **attributes: Any) -> AbstractContextManager[Any]:
+        """A child span of the call around a block (``with call.span("validate"):``); a no-op
+        when tracing is off."""
+        return _NO_SPAN if self.trace is None else self.trace.span(name, **attributes)
+
+    def note(self, **attributes: Any) -> None:
+        """Attributes of the call's span (``request_bytes=...`` -> ``lychee.request_bytes``); a
+        no-op when tracing is off."""
+        if self.trace is not None:
+            self.trace.set(**attributes)
 
 
 def check_modalities(job: RerankJob, info: EngineInfo) -> None:
@@ -152,9 +171,12 @@ class BufferHold:
 class Gate:
     """Serving state, call accounting and the hand-off to the scheduler, shared by both doors."""
 
-    def __init__(self, metrics: Metrics, settings: Settings | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, settings: Settings | None = None, tracing: Tracing | None = None
+    ) -> None:
         self._metrics = metrics
         self._settings = settings if settings is not None else Settings()
+        self._tracing = tracing
         self.buffered = BufferBudget(self._settings.max_buffered_bytes, self._settings.retry_after_s)
         self.authenticated = bool(self._settings.all_api_keys())
         """Whether callers present API keys (then each key is its own tenant)."""
@@ -227,14 +249,29 @@ class Gate:
 
     @contextlib.contextmanager
     def call(
-        self, method: str, transport: str, request_id: str, peer: str = "", tenant: str = ""
+        self,
+        method: str,
+        transport: str,
+        request_id: str,
+        peer: str = "",
+        tenant: str = "",
+        carrier: Iterable[tuple[Any, Any]] = (),
     ) -> Iterator[Call]:
         """Count one call for its whole life; record its metrics and log line when it ends.
 
         The door sets ``call.code`` (a gRPC status code name) before leaving the block.
+        ``carrier``: the call's gRPC metadata or HTTP header pairs, read only when tracing is on
+        (for ``traceparent`` / ``tracestate``).
         """
         started = time.monotonic()
-        call = Call(request_id=request_id, method=method, transport=transport, peer=peer, tenant=tenant)
+        trace = (
+            None
+            if self._tracing is None
+            else self._tracing.start_call(method, transport, request_id, carrier)
+        )
+        call = Call(
+            request_id=request_id, method=method, transport=transport, peer=peer, tenant=tenant, trace=trace
+        )
         self._active += 1
         self._no_active.clear()
         try:
@@ -253,8 +290,11 @@ class Gate:
                     duration_ms=round(elapsed * 1000, 3),
                     pairs=call.pairs,
                     peer=call.peer,
+                    **({} if trace is None else {"trace_id": trace.trace_id}),
                 ),
             )
+            if trace is not None:
+                trace.end(call.code)
             self._active -= 1
             if self._active == 0:
                 self._no_active.set()
@@ -269,8 +309,16 @@ class Gate:
         """Hand a validated job to the scheduler (``deadline``: absolute ``time.monotonic()``;
         ``on_progress``: see :meth:`Scheduler.rerank`)."""
         call.pairs = len(job.documents)
+        if call.trace is not None:
+            call.trace.set(documents=call.pairs)
         scheduler, info = self.require_serving()
         if call.tenant != job.tenant:
             job = replace(job, tenant=call.tenant)
         check_modalities(job, info)
-        return await scheduler.rerank(job, deadline=deadline, on_progress=on_progress)
+        result = await scheduler.rerank(job, deadline=deadline, on_progress=on_progress, trace=call.trace)
+        if call.trace is not None:
+            usage = result.usage
+            call.trace.set(
+                tokens=usage.tokens, images=usage.images, truncated_documents=usage.truncated_documents
+            )
+        return result

@@ -139,10 +139,12 @@ class RerankService(pb_grpc.RerankServiceServicer):
     ) -> pb.RerankResponse:
         t0 = time.monotonic()
         self._gate.require_serving()
-        if _size(request) > _INLINE_PARSE_BYTES:
-            job = await _off_loop(self._parse, request, call.request_id)
-        else:
-            job = self._parse(request, call.request_id)
+        call.note(request_bytes=_size(request))
+        with call.span("validate"):
+            if _size(request) > _INLINE_PARSE_BYTES:
+                job = await _off_loop(self._parse, request, call.request_id)
+            else:
+                job = self._parse(request, call.request_id)
         result = await self._score(job, context, call)
         return self._checked(
             codec.result_to_pb(replace(result, timings=replace(result.timings, total=time.monotonic() - t0)))
@@ -153,11 +155,13 @@ class RerankService(pb_grpc.RerankServiceServicer):
     ) -> None:
         t0 = time.monotonic()
         self._gate.require_serving()
-        inner = codec.inner_request(request, request_id=call.request_id)
-        if _size(inner) > _INLINE_PARSE_BYTES:
-            job = await _off_loop(self._parse, inner, call.request_id)
-        else:
-            job = self._parse(inner, call.request_id)
+        call.note(request_bytes=_size(request))
+        with call.span("validate"):
+            inner = codec.inner_request(request, request_id=call.request_id)
+            if _size(inner) > _INLINE_PARSE_BYTES:
+                job = await _off_loop(self._parse, inner, call.request_id)
+            else:
+                job = self._parse(inner, call.request_id)
         mailbox = ProgressMailbox()
         scoring = asyncio.ensure_future(self._score(job, context, call, on_progress=mailbox.put))
         try:
@@ -197,6 +201,9 @@ class RerankService(pb_grpc.RerankServiceServicer):
         context.add_done_callback(lambda _ctx: finished.set())  # type: ignore[arg-type]
         ended = False
         hold = self._gate.hold()
+        validating = call.span("validate", streamed=True)
+        validating.__enter__()  # ended once the upload is checked (or by its error), not around scoring
+        validated = False
         try:
             try:
                 self._gate.require_serving()
@@ -226,12 +233,19 @@ class RerankService(pb_grpc.RerankServiceServicer):
                 await _off_loop(codec.check_response_size, job, limit, request_id=call.request_id)
             else:
                 codec.check_response_size(job, limit, request_id=call.request_id)
+            validated = True
+            validating.__exit__(None, None, None)
             result = await self._score(job, context, call)
             return self._checked(
                 codec.result_to_stream_pb(
                     replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
                 )
             )
+        except BaseException as exc:
+            if not validated:
+                validated = True
+                validating.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         finally:
             hold.release()  # the job (and its buffered bytes) is no longer needed
 
@@ -293,7 +307,9 @@ class RerankService(pb_grpc.RerankServiceServicer):
     async def _serve(self, method: str, context: Context, body: Callable[[Call], Awaitable[_R]]) -> _R:
         metadata = context.invocation_metadata()
         tenant = tenant_of(bearer_token(metadata)) if self._gate.authenticated else ""
-        with self._gate.call(method, TRANSPORT, _request_id(context), context.peer(), tenant) as call:
+        with self._gate.call(
+            method, TRANSPORT, _request_id(context), context.peer(), tenant, metadata or ()
+        ) as call:
             id_metadata = ((REQUEST_ID_KEY, call.request_id),)
             try:
                 await context.send_initial_metadata(id_metadata)

@@ -34,6 +34,11 @@ Design (TEI-like; one asyncio task owns the device queue):
 
 All mutable state is touched on the event loop thread only; worker threads hand results back
 with ``call_soon_threadsafe``. Deadlines are absolute ``time.monotonic()`` values.
+
+Tracing: a job may come with its call's trace (:class:`lychee_server.tracing.CallTrace`, None
+when tracing is off); the scheduler reports admission, preparation, dispatch and each device
+batch to it (the ``queue``, ``prepare``, ``batch`` and ``inference`` spans), one ``None`` check
+per event when it is off.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from lychee_server.domain import (
 from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, probability
 from lychee_server.metrics import Metrics
 from lychee_server.settings import Settings
+from lychee_server.tracing import BatchTrace, CallTrace, start_batch
 
 __all__ = ["Scheduler"]
 
@@ -112,6 +118,7 @@ class _Request:
     infer_seconds: float = 0.0
     retired: bool = False
     on_progress: Callable[[Progress], None] | None = None
+    trace: CallTrace | None = None
 
     @property
     def done(self) -> bool:
@@ -135,9 +142,10 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
     return out, time.perf_counter() - t0
 
 
-def _sort_key(score: float) -> float:
-    """Descending score; a NaN (a broken forward) sorts last instead of scrambling the order."""
-    return math.inf if math.isnan(score) else -score
+def _sort_key(score: float) -> tuple[bool, float]:
+    """Descending score; a NaN (a broken forward) sorts last, after -inf too, instead of scrambling
+    the order (a bare ``inf`` key for NaN tied it with -inf, which then came after it by index)."""
+    return (True, 0.0) if math.isnan(score) else (False, -score)
 
 
 class Scheduler:
@@ -236,8 +244,10 @@ class Scheduler:
         job: RerankJob,
         deadline: float | None = None,
         on_progress: Callable[[Progress], None] | None = None,
+        trace: CallTrace | None = None,
     ) -> RerankResult:
         """Score ``job``; ``deadline`` is an absolute ``time.monotonic()`` value (None = none).
+        ``trace``: the call's spans (the scheduler adds queue, prepare, batch and inference).
 
         ``on_progress`` is called on the event-loop thread with a :class:`Progress` once the job is
         admitted (QUEUED), as its pairs are prepared and scored, and with DONE just before the
@@ -278,7 +288,10 @@ class Scheduler:
             scores=[math.nan] * n,
             truncated=[False] * n,
             on_progress=on_progress,
+            trace=trace,
         )
+        if trace is not None:
+            trace.admitted(len(self._queue), self._inflight_pairs)
         self._requests.add(req)
         self._inflight_pairs += n
         self._preparing += n
@@ -317,9 +330,14 @@ class Scheduler:
         if not fut.cancelled():
             exc = fut.exception()
             if exc is not None:
-                self._fail(req, self._prep_error(exc, "query"))
+                err = self._prep_error(exc, "query")
+                if req.trace is not None:
+                    req.trace.query_prepared(0.0, err)
+                self._fail(req, err)
             else:
                 pq, seconds = fut.result()
+                if req.trace is not None:
+                    req.trace.query_prepared(seconds)
                 req.pq = pq
                 req.prep_seconds += seconds
                 self.metrics.preprocess_seconds.labels("query").observe(seconds)
@@ -372,6 +390,8 @@ class Scheduler:
                 req.images += pair.num_images
                 req.undelivered -= 1
                 self._preparing -= 1
+                if req.trace is not None and req.undelivered == 0:
+                    req.trace.prepared(req.n, req.tokens, req.images, req.prep_seconds)
                 self._queue.append(_Item(req, index, pair, time.monotonic()))
                 req.queued += 1
                 self._update_gauges()
@@ -415,15 +435,17 @@ class Scheduler:
         if req.done:
             return
         req.fut.set_exception(err)
-        self._on_done(req)
+        self._on_done(req, err)
 
     def _abandon(self, req: _Request) -> None:
         if not req.done:
             req.fut.cancel()
-        self._on_done(req)
+        self._on_done(req, errors.Cancelled("the caller went away"))
 
-    def _on_done(self, req: _Request) -> None:
+    def _on_done(self, req: _Request, error: BaseException | None = None) -> None:
         """The request has its answer: stop all of its remaining work."""
+        if req.trace is not None:
+            req.trace.finished(error, req.n - req.undelivered, req.tokens, req.images, req.prep_seconds)
         self._preparing -= req.undelivered
         req.undelivered = 0
         if req.prep_futures or req.query_future is not None:
@@ -584,17 +606,25 @@ class Scheduler:
         assert self._loop is not None and self._device_pool is not None
         reqs = {item.req for item in batch}
         start = time.monotonic()
+        traced = False
         for req in reqs:
             req.on_device += 1
+            if req.trace is not None:
+                traced = True
+                if req.first_dispatch is None:
+                    req.trace.dispatched()
             if req.first_dispatch is None:
                 req.first_dispatch = start
+        batch_trace = self._batch_trace(batch, tokens) if traced else None
         self.metrics.batch_pairs.observe(len(batch))
         self.metrics.batch_tokens.observe(tokens)
         pairs = [item.pair for item in batch]
         seconds = 0.0
+        window: tuple[int, int] | None = None  # the device thread's time.time_ns() (for the trace)
+        scored = 0
         try:
             try:
-                outcomes, seconds = await self._loop.run_in_executor(
+                outcomes, seconds, window = await self._loop.run_in_executor(
                     self._device_pool, self._score_on_device, pairs
                 )
             except asyncio.CancelledError:
@@ -605,7 +635,6 @@ class Scheduler:
                 log.error("the device executor failed", exc_info=exc)
                 outcomes, seconds = [exc] * len(pairs), time.monotonic() - start
             self.metrics.inference_seconds.observe(seconds)
-            scored = 0
             for item, outcome in zip(batch, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     if not item.req.done:  # one error per request, not one per failed pair
@@ -617,6 +646,8 @@ class Scheduler:
                     item.req.remaining -= 1
             self.metrics.pairs_scored.inc(scored)
         finally:
+            if batch_trace is not None:
+                batch_trace.end(window, len(batch), len(batch) - scored)
             # Every request leaves the device first, so that should answering one of them fail,
             # the batch loop's fallback can still fail and retire all of them.
             for req in reqs:
@@ -629,11 +660,23 @@ class Scheduler:
                     self._progress(req, Phase.SCORING)
                 self._maybe_retire(req)
 
-    def _score_on_device(self, pairs: Sequence[PreparedPair]) -> tuple[list[_Outcome], float]:
-        """Device thread: score a batch, splitting it on out-of-memory errors."""
+    @staticmethod
+    def _batch_trace(batch: Sequence[_Item], tokens: int) -> BatchTrace | None:
+        """The batch's spans: each request's trace with its pairs in the batch, in batch order."""
+        counts: dict[_Request, int] = {}
+        for item in batch:
+            counts[item.req] = counts.get(item.req, 0) + 1
+        return start_batch([(r.trace, n) for r, n in counts.items()], pairs=len(batch), tokens=tokens)
+
+    def _score_on_device(
+        self, pairs: Sequence[PreparedPair]
+    ) -> tuple[list[_Outcome], float, tuple[int, int]]:
+        """Device thread: score a batch, splitting it on out-of-memory errors. Returns the
+        outcomes, the seconds it took, and its wall-clock window (``time.time_ns()``)."""
+        wall0 = time.time_ns()
         t0 = time.perf_counter()
         outcomes = self._score_split(pairs)
-        return outcomes, time.perf_counter() - t0
+        return outcomes, time.perf_counter() - t0, (wall0, time.time_ns())
 
     def _score_split(self, pairs: Sequence[PreparedPair]) -> list[_Outcome]:
         try:

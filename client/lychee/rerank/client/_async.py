@@ -73,12 +73,13 @@ class AsyncLycheeClient(ClientBase):
         )
         stub = self._connect()
         deadline = self._deadline(timeout)
-        limits = await self._best_effort_limits(stub, deadline) if self._wants_limits(call) else None
+        md = self._call_metadata()
+        limits = await self._best_effort_limits(stub, deadline, md) if self._wants_limits(call) else None
         n = len(call.documents)
         if self._should_stream(call, limits):
             chunk = self._chunk_bytes(limits)
             response: pb.RerankResponse | pb.RerankStreamResponse = await self._with_retries(
-                lambda t: stub.RerankStream(call.stream(chunk), timeout=t, metadata=self._metadata),
+                lambda t: stub.RerankStream(call.stream(chunk), timeout=t, metadata=md),
                 deadline,
             )
             return decode_result(response, n, streamed=True)
@@ -88,22 +89,21 @@ class AsyncLycheeClient(ClientBase):
             wrapped = pb.RerankWithProgressRequest(request=request)
             response = await self._with_retries(
                 lambda t: with_progress_result_async(
-                    stub.RerankWithProgress(wrapped, timeout=t, metadata=self._metadata), report
+                    stub.RerankWithProgress(wrapped, timeout=t, metadata=md), report
                 ),
                 deadline,
             )
             return decode_result(response, n, streamed=False)
-        response = await self._with_retries(
-            lambda t: stub.Rerank(request, timeout=t, metadata=self._metadata), deadline
-        )
+        response = await self._with_retries(lambda t: stub.Rerank(request, timeout=t, metadata=md), deadline)
         return decode_result(response, n, streamed=False)
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:  # noqa: ASYNC109
         """Fetch the model description and limits (and refresh the client's cached copy)."""
         stub = self._connect()
         deadline = self._deadline(timeout)
+        md = self._call_metadata()
         response = await self._with_retries(
-            lambda t: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=t, metadata=self._metadata),
+            lambda t: stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=t, metadata=md),
             deadline,
         )
         self._info = decode_server_info(response)
@@ -129,7 +129,10 @@ class AsyncLycheeClient(ClientBase):
     # -- internals --------------------------------------------------------------------------
 
     async def _best_effort_limits(
-        self, stub: rerank_pb2_grpc.RerankServiceAsyncStub, deadline: float | None
+        self,
+        stub: rerank_pb2_grpc.RerankServiceAsyncStub,
+        deadline: float | None,
+        metadata: tuple[tuple[str, str], ...],
     ) -> Limits | None:
         """As :meth:`LycheeClient._best_effort_limits`."""
         if self._info is not None:
@@ -139,7 +142,7 @@ class AsyncLycheeClient(ClientBase):
             response = await stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
                 timeout=INFO_TIMEOUT if left is None else min(left, INFO_TIMEOUT),
-                metadata=self._metadata,
+                metadata=metadata,
             )
         except grpc.RpcError as err:
             self._note_info_failure(error_from_rpc(err, self.target))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,30 @@ def _read_pem(source: PemSource | None, what: str) -> bytes | None:
 def _non_ascii_at(value: str) -> int | None:
     """Index of the first character gRPC refuses in an ASCII metadata value, or ``None``."""
     return next((i for i, c in enumerate(value) if not " " <= c <= "~"), None)
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The caller's current OpenTelemetry span as W3C ``traceparent`` / ``tracestate`` metadata
+    (through the global propagator, so ``OTEL_PROPAGATORS`` / ``set_global_textmap`` apply).
+
+    Empty unless OpenTelemetry is in use: a span can only be current once ``opentelemetry.context``
+    has been imported, so a process that never imported it pays one dict lookup and imports
+    nothing (the base install stays grpcio + protobuf).
+    """
+    if "opentelemetry.context" not in sys.modules:
+        return ()
+    try:
+        from opentelemetry import propagate
+
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+    except Exception:  # an optional nicety: never fail a call over it
+        return ()
+    return tuple(
+        (key.lower(), value)
+        for key, value in carrier.items()
+        if isinstance(value, str) and _non_ascii_at(value) is None
+    )
 
 
 def remaining(deadline: float | None) -> float | None:
@@ -194,6 +219,15 @@ class ClientBase:
 
     def _post_init(self) -> None:
         """Hook for the transport-specific setup (the sync client opens its channel here)."""
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of one call: the client's, plus the caller's trace context (computed on the
+        caller's thread / task, where its current span is; keys the caller set win)."""
+        traced = trace_metadata()
+        if not traced:
+            return self._metadata
+        own = {key for key, _ in self._metadata}
+        return self._metadata + tuple((k, v) for k, v in traced if k not in own)
 
     @property
     def cached_server_info(self) -> ServerInfo | None:

@@ -98,12 +98,13 @@ class LycheeClient(ClientBase):
             return_text=return_text,
         )
         deadline = self._deadline(timeout)
-        limits = self._best_effort_limits(deadline) if self._wants_limits(call) else None
+        md = self._call_metadata()
+        limits = self._best_effort_limits(deadline, md) if self._wants_limits(call) else None
         n = len(call.documents)
         if self._should_stream(call, limits):
             chunk = self._chunk_bytes(limits)
             response: pb.RerankResponse | pb.RerankStreamResponse = self._with_retries(
-                lambda t: self._stub.RerankStream(call.stream(chunk), timeout=t, metadata=self._metadata),
+                lambda t: self._stub.RerankStream(call.stream(chunk), timeout=t, metadata=md),
                 deadline,
             )
             return decode_result(response, n, streamed=True)
@@ -113,21 +114,20 @@ class LycheeClient(ClientBase):
             wrapped = pb.RerankWithProgressRequest(request=request)
             response = self._with_retries(
                 lambda t: with_progress_result(
-                    self._stub.RerankWithProgress(wrapped, timeout=t, metadata=self._metadata), report
+                    self._stub.RerankWithProgress(wrapped, timeout=t, metadata=md), report
                 ),
                 deadline,
             )
             return decode_result(response, n, streamed=False)
-        response = self._with_retries(
-            lambda t: self._stub.Rerank(request, timeout=t, metadata=self._metadata), deadline
-        )
+        response = self._with_retries(lambda t: self._stub.Rerank(request, timeout=t, metadata=md), deadline)
         return decode_result(response, n, streamed=False)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """Fetch the model description and limits (and refresh the client's cached copy)."""
         deadline = self._deadline(timeout)
+        md = self._call_metadata()
         response = self._with_retries(
-            lambda t: self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=t, metadata=self._metadata),
+            lambda t: self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=t, metadata=md),
             deadline,
         )
         self._info = decode_server_info(response)
@@ -150,7 +150,9 @@ class LycheeClient(ClientBase):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _best_effort_limits(self, deadline: float | None) -> Limits | None:
+    def _best_effort_limits(
+        self, deadline: float | None, metadata: tuple[tuple[str, str], ...]
+    ) -> Limits | None:
         """Cached limits, fetched once; failures fall back to defaults instead of failing the
         call (the rerank attempt that follows reports the real problem, with retries)."""
         if self._info is not None:
@@ -160,7 +162,7 @@ class LycheeClient(ClientBase):
             response = self._stub.GetServerInfo(
                 pb.GetServerInfoRequest(),
                 timeout=INFO_TIMEOUT if left is None else min(left, INFO_TIMEOUT),
-                metadata=self._metadata,
+                metadata=metadata,
             )
         except grpc.RpcError as err:
             self._note_info_failure(error_from_rpc(err, self.target))

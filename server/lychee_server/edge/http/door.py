@@ -204,7 +204,8 @@ class HttpDoor:
         tenant = tenant_of(_bearer(request.scope)) if self.gate.authenticated else ""
         request_id = request_id_from(request.headers.get(REQUEST_ID_KEY))
         stack = contextlib.ExitStack()  # the call stays open while a streamed answer is sent
-        call = stack.enter_context(self.gate.call(method, TRANSPORT, request_id, peer, tenant))
+        headers = request.scope.get("headers", ())  # traceparent / tracestate, read only when tracing
+        call = stack.enter_context(self.gate.call(method, TRANSPORT, request_id, peer, tenant, headers))
         try:
             try:
                 self.gate.admit()
@@ -374,17 +375,21 @@ class HttpDoor:
         self, request: Request, deadline: float | None, call: Call, hold: BufferHold
     ) -> tuple[schema.RerankIn, domain.RerankJob]:
         """Body -> shape -> fetched image URLs -> a checked job (the Cohere/Jina routes)."""
-        req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
-        fetched = await self._fetch_images(req, deadline, call.request_id)
-        size += sum(len(b) for b in fetched.values())
-        hold.resize(max(hold.held, size))
-        job = await self._off_loop(
-            size,
-            lambda: self._checked_job(
-                jsoncodec.job_from_rerank(req, self.settings, request_id=call.request_id, fetched=fetched),
-                RERANK_PATHS,
-            ),
-        )
+        with call.span("validate"):
+            req, size = await self._parse(request, schema.RerankIn, deadline, call, hold)
+            fetched = await self._fetch_images(req, deadline, call.request_id)
+            size += sum(len(b) for b in fetched.values())
+            hold.resize(max(hold.held, size))
+            job = await self._off_loop(
+                size,
+                lambda: self._checked_job(
+                    jsoncodec.job_from_rerank(
+                        req, self.settings, request_id=call.request_id, fetched=fetched
+                    ),
+                    RERANK_PATHS,
+                ),
+            )
+        call.note(request_bytes=size)
         return req, job
 
     async def _rerank(self, request: Request, call: Call) -> Response:
@@ -460,13 +465,15 @@ class HttpDoor:
         deadline = _deadline(request, self.settings)
         hold = self.gate.hold()
         try:
-            req, size = await self._parse(request, schema.TeiRerankIn, deadline, call, hold)
-            job = await self._off_loop(
-                size,
-                lambda: self._checked_job(
-                    jsoncodec.job_from_tei(req, self.settings, request_id=call.request_id), TEI_PATHS
-                ),
-            )
+            with call.span("validate"):
+                req, size = await self._parse(request, schema.TeiRerankIn, deadline, call, hold)
+                job = await self._off_loop(
+                    size,
+                    lambda: self._checked_job(
+                        jsoncodec.job_from_tei(req, self.settings, request_id=call.request_id), TEI_PATHS
+                    ),
+                )
+            call.note(request_bytes=size)
             result = await self._until_done_or_gone(request, self.gate.score(job, call, deadline))
         finally:
             hold.release()
