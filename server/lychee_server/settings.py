@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         ge=1 * MiB,
         description="Stream payload all uploads together may hold; past it RESOURCE_EXHAUSTED + RetryInfo.",
     )
+    oversize_refusal_delay_s: float = Field(
+        0.25,
+        ge=0,
+        description="A request refused for exceeding a size or count limit is answered after this "
+        "delay: a caller re-sending such requests in a loop is slowed down, a legitimate one loses it once.",
+    )
     max_concurrent_calls: int = Field(
         1024, ge=1, description="Calls handled at once; past it RESOURCE_EXHAUSTED + RetryInfo at once."
     )

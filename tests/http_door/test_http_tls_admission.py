@@ -139,3 +139,30 @@ async def test_the_listener_is_tcp_so_responses_are_not_held_by_nagle(gated: Gat
             live: Any = http._server.server_state.connections  # uvicorn's open connections
             conns = [c.transport.get_extra_info("socket") for c in live]
         assert conns and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
+
+
+async def test_oversize_refusals_are_answered_after_a_pause_on_both_doors(gated: GatedEngine) -> None:
+    import time
+
+    import grpc.aio
+
+    delay = 0.4
+    async with running_server(engine=gated, max_documents=4, oversize_refusal_delay_s=delay) as srv:
+        async with httpx.AsyncClient(base_url=srv.server.http_url, timeout=WAIT) as client:
+            t0 = time.monotonic()
+            r = await client.post("/v1/rerank", json={"query": "q", "documents": ["d"] * 5})
+            assert r.json()["reason"] == "TOO_MANY_DOCUMENTS" and time.monotonic() - t0 >= delay
+            t0 = time.monotonic()
+            fine = await client.post("/v1/rerank", json={"query": "q", "documents": [""]})
+            assert fine.json()["reason"] == "EMPTY_TEXT"  # other refusals are not held
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            req = pb.RerankRequest(
+                query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(text="d"))] * 5
+            )
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await pb_grpc.RerankServiceStub(channel).Rerank(req, timeout=WAIT)
+            assert error_details(info.value).reason == "TOO_MANY_DOCUMENTS"
+            assert time.monotonic() - t0 >= delay
+        rejected = srv.server.metrics.rejected.labels("TOO_MANY_DOCUMENTS")._value.get()
+        assert rejected == 2

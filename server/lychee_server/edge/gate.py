@@ -42,6 +42,7 @@ from lychee_server.settings import Settings
 from lychee_server.tracing import CallTrace, Tracing
 
 __all__ = [
+    "OVERSIZE_REASONS",
     "REQUEST_ID_KEY",
     "BufferBudget",
     "BufferHold",
@@ -55,6 +56,10 @@ __all__ = [
 REQUEST_ID_KEY = "x-request-id"
 _MAX_REQUEST_ID = 128
 _NO_SPAN: AbstractContextManager[Any] = contextlib.nullcontext()
+
+
+OVERSIZE_REASONS = frozenset({"TOO_MANY_DOCUMENTS", "REQUEST_TOO_LARGE", "RESPONSE_TOO_LARGE"})
+"""Refusals answered after ``oversize_refusal_delay_s`` (see :meth:`Gate.pause_refusal`)."""
 
 
 class ServingState(enum.Enum):
@@ -242,6 +247,15 @@ class Gate:
                 reason="OVERLOADED",
                 retry_after=self._settings.retry_after_s,
             )
+
+    async def pause_refusal(self, exc: BaseException) -> None:
+        """Hold the answer to a request refused for its size (``OVERSIZE_REASONS``) for
+        ``oversize_refusal_delay_s``: the server has already paid to receive it, and a caller that
+        re-sends one in a loop (a flood of multi-MiB messages) is slowed down without using CPU."""
+        delay = self._settings.oversize_refusal_delay_s
+        if delay > 0 and isinstance(exc, errors.LycheeError) and exc.reason in OVERSIZE_REASONS:
+            self._metrics.rejected.labels(exc.reason).inc()
+            await asyncio.sleep(delay)
 
     def hold(self) -> BufferHold:
         """A share of the server-wide payload budget for one call (release it when the call ends)."""

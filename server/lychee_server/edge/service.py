@@ -323,6 +323,7 @@ class RerankService(pb_grpc.RerankServiceServicer):
             except Exception as exc:
                 status = status_for_exception(exc, request_id=call.request_id)
                 call.code = status.code.name
+                await self._gate.pause_refusal(exc)
                 await context.abort(
                     status.code, status.details, tuple(status.trailing_metadata) + id_metadata
                 )

@@ -215,6 +215,7 @@ class HttpDoor:
                 return Response(status_code=499)  # nobody reads it; for the access log only
             except Exception as exc:
                 response, call.code = _error_response(exc, call.request_id)
+                await self.gate.pause_refusal(exc)
                 return response
             response.headers[REQUEST_ID_KEY] = call.request_id
             if isinstance(response, _EventStream):
