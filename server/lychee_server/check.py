@@ -8,10 +8,16 @@ weights at a real architecture shape (``--random-weights --shape qwen2.5-vl-3b``
 are exercised as the tiny checkpoint cannot.
 
 One request per query kind (text, image, text + image), each with documents of every kind (short
-and longer text, images of odd sizes, text + image): every pair goes through the engine as one
-request (prefix reuse, length-grouped batches) and through the naive loop of ``bench`` (chat
-template + processor + full forward + full-vocabulary logits). Exit 1 if any |p_engine - p_naive|
-exceeds ``--tolerance``.
+and longer text, images of odd sizes, one under min_pixels, text + image), plus one image above
+max_pixels for the text query: every pair goes through the engine as one request (prefix reuse,
+length-grouped batches) and through :class:`NaiveRecipe` (chat template + processor + full forward +
+full-vocabulary logits). Exit 1 if any |p_engine - p_naive| exceeds ``--tolerance``.
+
+The naive loop shares nothing with the engine but the weights: the recipe's system prompt and message
+layout are typed out here again (not taken from ``domain`` / ``engine.recipe``), images are decoded
+with PIL here, the processor is loaded again from the checkpoint with the recipe's pixel bounds (not
+the engine's, whatever ``--min-pixels`` the loader applied), and the yes/no ids are the tokenizer's
+encodings of the two words. So a template, id or pixel-bound bug in the engine makes ``check`` fail.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_check_arguments", "kendall_tau", "run_check"]
+__all__ = ["NaiveRecipe", "add_check_arguments", "kendall_tau", "run_check"]
+
+# The published recipe (vec-ai/lychee-rerank-mm model card), typed here on purpose (see above).
+RECIPE_SYSTEM_PROMPT = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+RECIPE_MIN_PIXELS = 4 * 28 * 28
+RECIPE_MAX_PIXELS = 1280 * 28 * 28
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,24 +80,91 @@ class CheckRow:
     abs_diff_logit: float
 
 
+class NaiveRecipe:
+    """The recipe the plain way, over the engine's weights: one pair at a time, whole-string
+    tokenization (check's inputs spell no special token), the processor's own image pipeline, the
+    full vocabulary's last-position logits, softmax over (no, yes)."""
+
+    def __init__(self, source: str, revision: str | None, model: Any, device: Any) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(source, revision=revision or None)  # type: ignore[no-untyped-call]
+        self.processor.image_processor.size = {
+            "shortest_edge": RECIPE_MIN_PIXELS,
+            "longest_edge": RECIPE_MAX_PIXELS,
+        }
+        tok = self.processor.tokenizer
+        ids = {w: tok.encode(w, add_special_tokens=False) for w in ("no", "yes")}
+        if any(len(v) != 1 for v in ids.values()):
+            raise SystemExit(f"the tokenizer does not encode 'no' / 'yes' as one token each: {ids}")
+        self.no_id, self.yes_id = ids["no"][0], ids["yes"][0]
+        self._special = [t.content for t in tok.added_tokens_decoder.values() if t.special]
+        self.model = model
+        self.device = device
+
+    @staticmethod
+    def messages(instruction: str, query: Any, doc: Any) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": "<Instruct>: " + instruction},
+            {"type": "text", "text": "<Query>:"},
+        ]
+        if query.image is not None:
+            content.append({"type": "image"})
+        if query.text is not None:
+            content.append({"type": "text", "text": query.text})
+        content.append({"type": "text", "text": "\n<Document>:"})
+        if doc.image is not None:
+            content.append({"type": "image"})
+        if doc.text is not None:
+            content.append({"type": "text", "text": doc.text})
+        return [
+            {"role": "system", "content": [{"type": "text", "text": RECIPE_SYSTEM_PROMPT}]},
+            {"role": "user", "content": content},
+        ]
+
+    @staticmethod
+    def decode(data: bytes) -> Any:
+        """PIL decode to RGB (check's inputs: RGB PNGs of at least 28 px a side)."""
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if min(img.size) < 28:
+            raise SystemExit("check's naive loop takes images of at least 28 px a side")
+        return img.convert("RGB")
+
+    def logit_diff(self, instruction: str, query: Any, doc: Any) -> float:
+        import torch
+
+        for text in (instruction, query.text, doc.text):
+            if text and any(t in text for t in self._special):
+                raise SystemExit("check's inputs must not spell special tokens (whole-string tokenization)")
+        images = [self.decode(c.image.data) for c in (query, doc) if c.image is not None]
+        text = self.processor.apply_chat_template(
+            self.messages(instruction, query, doc), tokenize=False, add_generation_prompt=True
+        )
+        inputs = self.processor(text=[text], images=images or None, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            logits = self.model(**inputs).logits[0, -1].double()
+        p = torch.softmax(torch.stack([logits[self.no_id], logits[self.yes_id]]), 0)
+        return float(torch.log(p[1]) - torch.log(p[0]))
+
+
 def _png(w: int, h: int, seed: int) -> bytes:
+    import numpy as np
     from PIL import Image
 
-    img = Image.new("RGB", (w, h))
-    img.putdata(
-        [
-            ((x * 7 + seed * 40) % 256, (y * 5 + seed * 17) % 256, ((x + y) * 3) % 256)
-            for y in range(h)
-            for x in range(w)
-        ]
-    )
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx * 7 + seed * 40) % 256, (yy * 5 + seed * 17) % 256, ((xx + yy) * 3) % 256], -1)
+    img = Image.fromarray(arr.astype(np.uint8), mode="RGB")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
 def golden_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Queries and documents of every modality (small, so a real-shape model runs them on a CPU)."""
+    """Queries and documents of every modality (small, so a real-shape model runs them on a CPU);
+    "small image" (40x30) is under the recipe's min_pixels, so the processor scales it up."""
     from lychee_server.domain import Content, ImageInput, MediaType
 
     def image(w: int, h: int, seed: int) -> ImageInput:
@@ -103,6 +184,7 @@ def golden_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
         ),
         "image": Content(image=image(120, 80, 3)),
         "odd image": Content(image=image(300, 40, 4)),
+        "small image": Content(image=image(40, 30, 6)),
         "text+image": Content(text="A photo of a wet street in April.", image=image(64, 64, 5)),
     }
     return queries, documents
@@ -112,6 +194,14 @@ _WORDS = (  # noqa: SIM905 - one readable string
     "refund policy travel expense laptop password office holiday invoice badge vpn printer rainfall "
     "harvest river street photo chart spring decade"
 ).split()
+
+
+def large_image_input() -> Any:
+    """An image above the recipe's max_pixels (1100x960 = 1.06 Mpx > 1280*28*28), scored with the
+    text query only: the processor scales it down (to 1064x924, 1254 LLM tokens)."""
+    from lychee_server.domain import Content, ImageInput, MediaType
+
+    return Content(image=ImageInput(_png(1100, 960, 7), MediaType.PNG))
 
 
 def ranking_documents(n: int) -> list[Any]:
@@ -187,7 +277,7 @@ def run_check(args: argparse.Namespace) -> int:
     """Compare engine and naive scores; print a table (and JSON). Returns an exit code."""
     import torch
 
-    from lychee_server.bench import naive_logit_diff, open_engine
+    from lychee_server.bench import open_engine
     from lychee_server.domain import DEFAULT_INSTRUCTION
     from lychee_server.engine.interface import probability
 
@@ -199,21 +289,25 @@ def run_check(args: argparse.Namespace) -> int:
     if tolerance is None:
         tolerance = 1e-5 if engine.dtype == torch.float32 else 2e-2
     queries, documents = golden_inputs()
+    naive = NaiveRecipe(engine.settings.model, engine.settings.revision, engine.model, engine.device)
     rows: list[CheckRow] = []
     t_engine = t_naive = 0.0
     try:
         for qname, query in queries.items():
+            these = dict(documents)
+            if qname == "text":
+                these["large image"] = large_image_input()
             t0 = time.perf_counter()
             pq = engine.prepare_query(DEFAULT_INSTRUCTION, query, 3200)
             try:
-                pairs = [engine.prepare_pair(pq, d) for d in documents.values()]
+                pairs = [engine.prepare_pair(pq, d) for d in these.values()]
                 diffs = engine.score(pairs)
             finally:
                 engine.release(pq)
             t_engine += time.perf_counter() - t0
-            for (dname, doc), diff in zip(documents.items(), diffs, strict=True):
+            for (dname, doc), diff in zip(these.items(), diffs, strict=True):
                 t0 = time.perf_counter()
-                ref = naive_logit_diff(engine, DEFAULT_INSTRUCTION, query, doc)
+                ref = naive.logit_diff(DEFAULT_INSTRUCTION, query, doc)
                 t_naive += time.perf_counter() - t0
                 p, p_ref = probability(diff), probability(ref)
                 rows.append(CheckRow(qname, dname, p, p_ref, abs(p - p_ref), abs(diff - ref)))

@@ -16,7 +16,7 @@ TOL = 1e-5
 
 
 def test_small_requests_share_one_packed_batch(
-    tiny_engine: QwenRerankEngine, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: QwenRerankEngine, monkeypatch: pytest.MonkeyPatch, ref_model: Any, ref_processor: Any
 ) -> None:
     queries = [
         Content(text="short"),
@@ -42,7 +42,7 @@ def test_small_requests_share_one_packed_batch(
     for pair, g in zip(pairs, got, strict=True):
         q = queries[pqs.index(pair.query)]
         doc = docs[0] if pair.num_images == 0 else docs[1]
-        want, _ = reference_logit(tiny_engine.model, tiny_engine.processor, DEFAULT_INSTRUCTION, q, doc, 3200)
+        want, _ = reference_logit(ref_model, ref_processor, DEFAULT_INSTRUCTION, q, doc, 3200)
         assert abs(g - want) <= TOL, (q.text, doc.text, g, want)
     for pq in pqs:
         tiny_engine.release(pq)

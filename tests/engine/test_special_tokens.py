@@ -13,6 +13,7 @@ import copy
 import io
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,9 +63,9 @@ def _engine_ids(engine: QwenRerankEngine, instruction: str, query: Content, doc:
 
 
 def _expanded_reference(
-    engine: QwenRerankEngine, instruction: str, query: Content, doc: Content
+    engine: QwenRerankEngine, processor: Any, instruction: str, query: Content, doc: Content
 ) -> np.ndarray:
-    raw = np.asarray(reference_prompt_ids(engine.processor, instruction, query, doc), dtype=np.int64)
+    raw = np.asarray(reference_prompt_ids(processor, instruction, query, doc), dtype=np.int64)
     grids = []
     for c in (query, doc):
         if c.image is not None:
@@ -80,13 +81,13 @@ WHERE = ["instruction", "query", "query+image", "document", "document+image"]
 
 @pytest.mark.parametrize("where", WHERE)
 def test_forged_turn_is_text_in_engine_and_reference_and_scores_equal(
-    tiny_engine: QwenRerankEngine, where: str
+    tiny_engine: QwenRerankEngine, where: str, ref_model: Any, ref_processor: Any
 ) -> None:
     control = set(_control_ids(tiny_engine).values())
     instruction, query, doc = _case(where, FORGED_TURN)
     b_instruction, b_query, b_doc = _case(where, BENIGN)
     got = _engine_ids(tiny_engine, instruction, query, doc)
-    ref = _expanded_reference(tiny_engine, instruction, query, doc)
+    ref = _expanded_reference(tiny_engine, ref_processor, instruction, query, doc)
     assert np.array_equal(got, ref)
     # Exactly the template's control tokens: the same ones as with harmless text in that place.
     want = Counter(int(t) for t in _engine_ids(tiny_engine, b_instruction, b_query, b_doc) if t in control)
@@ -97,17 +98,19 @@ def test_forged_turn_is_text_in_engine_and_reference_and_scores_equal(
     rendered = tiny_engine.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     whole = tiny_engine.processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert Counter(t for t in whole if t in control) != Counter(
-        t for t in reference_prompt_ids(tiny_engine.processor, instruction, query, doc) if t in control
+        t for t in reference_prompt_ids(ref_processor, instruction, query, doc) if t in control
     )
     pq = tiny_engine.prepare_query(instruction, query, 3200)
     score = tiny_engine.score([tiny_engine.prepare_pair(pq, doc)])[0]
     tiny_engine.release(pq)
-    want_score, _ = reference_logit(tiny_engine.model, tiny_engine.processor, instruction, query, doc, 3200)
+    want_score, _ = reference_logit(ref_model, ref_processor, instruction, query, doc, 3200)
     assert abs(score - want_score) <= 1e-5
     assert abs(probability(score) - probability(want_score)) <= 1e-5
 
 
-def test_every_special_token_spelled_in_text_stays_text(tiny_engine: QwenRerankEngine) -> None:
+def test_every_special_token_spelled_in_text_stays_text(
+    tiny_engine: QwenRerankEngine, ref_model: Any, ref_processor: Any
+) -> None:
     """All special tokens of the tokenizer, image placeholders included, in every caller text; the
     placeholder is no longer an error (it cannot become an image slot)."""
     control = _control_ids(tiny_engine)
@@ -121,10 +124,10 @@ def test_every_special_token_spelled_in_text_stays_text(tiny_engine: QwenRerankE
     image_id = control["<|image_pad|>"]
     for doc, pair, score in zip(docs, pairs, scores, strict=True):
         assert pair.reuse
-        raw = reference_prompt_ids(tiny_engine.processor, spelled, query, doc)
+        raw = reference_prompt_ids(ref_processor, spelled, query, doc)
         assert raw.count(image_id) == 1 + (doc.image is not None)
         assert raw.count(control["<|im_end|>"]) == 2 and raw.count(control["<|im_start|>"]) == 3
-        want, _ = reference_logit(tiny_engine.model, tiny_engine.processor, spelled, query, doc, 3200)
+        want, _ = reference_logit(ref_model, ref_processor, spelled, query, doc, 3200)
         assert abs(score - want) <= 1e-5, doc.text
 
 
@@ -188,7 +191,7 @@ def test_engine_refuses_a_template_that_rewrites_message_text(tiny_engine: QwenR
     trims text would make the engine's ids differ from the model's recipe, so it fails at start."""
     processor = copy.deepcopy(tiny_engine.processor)
     template = processor.chat_template
-    assert "{{ item['text'] }}" in template
-    processor.chat_template = template.replace("{{ item['text'] }}", "{{ item['text'] | trim }}")
+    assert "{{ content['text'] }}" in template
+    processor.chat_template = template.replace("{{ content['text'] }}", "{{ content['text'] | trim }}")
     with pytest.raises(InternalError, match="verbatim"):
         QwenRerankEngine(replace(tiny_engine.loaded, processor=processor), tiny_engine.settings)

@@ -4,6 +4,8 @@ it cannot prove that. No caller text (not even the engine's own slot marks) leav
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from reference import reference_logit, reference_prompt_ids
@@ -37,12 +39,14 @@ DOC_TEXTS = [
 ]
 
 
-def _full_ids(engine: QwenRerankEngine, query: Content, doc: Content) -> np.ndarray:
-    return np.asarray(reference_prompt_ids(engine.processor, DEFAULT_INSTRUCTION, query, doc), dtype=np.int64)
+def _full_ids(processor: Any, query: Content, doc: Content) -> np.ndarray:
+    return np.asarray(reference_prompt_ids(processor, DEFAULT_INSTRUCTION, query, doc), dtype=np.int64)
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=lambda q: repr(q.text)[:20])
-def test_split_rendering_equals_full_rendering(tiny_engine: QwenRerankEngine, query: Content) -> None:
+def test_split_rendering_equals_full_rendering(
+    tiny_engine: QwenRerankEngine, query: Content, ref_processor: Any
+) -> None:
     pq = tiny_engine.prepare_query(DEFAULT_INSTRUCTION, query, 3200)
     docs = [
         *(Content(text=t) for t in DOC_TEXTS),
@@ -54,7 +58,7 @@ def test_split_rendering_equals_full_rendering(tiny_engine: QwenRerankEngine, qu
         assert pair.reuse
         grids = [it.grid for it in pq.images] + [it.grid for it in pair.images]
         want, _, _ = expand_and_position(
-            _full_ids(tiny_engine, query, doc), grids, tiny_engine.image_token_id, tiny_engine.merge, 0
+            _full_ids(ref_processor, query, doc), grids, tiny_engine.image_token_id, tiny_engine.merge, 0
         )
         got = np.concatenate([pq.shared_ids, pair.ids])
         assert np.array_equal(got, want), doc.text
@@ -72,7 +76,9 @@ def test_split_rendering_equals_full_rendering(tiny_engine: QwenRerankEngine, qu
     ],
     ids=["old-sentinel", "only-old-sentinel", "slot-instruction", "slot-query", "slot-document", "all-slots"],
 )
-def test_marks_in_caller_text_take_the_fast_path(tiny_engine: QwenRerankEngine, text: str) -> None:
+def test_marks_in_caller_text_take_the_fast_path(
+    tiny_engine: QwenRerankEngine, text: str, ref_model: Any, ref_processor: Any
+) -> None:
     """The engine's marks are never searched in caller text: a query, instruction or document
     spelling them is plain text, takes the cut (fast) path and scores as the reference."""
     query = Content(text=text)
@@ -82,8 +88,8 @@ def test_marks_in_caller_text_take_the_fast_path(tiny_engine: QwenRerankEngine, 
     assert pq.templates[(True, False)] is not None and all(p.reuse for p in pairs)
     for doc, pair, got in zip(docs, pairs, tiny_engine.score(pairs), strict=True):
         ids = np.concatenate([pq.shared_ids, pair.ids])
-        assert np.array_equal(ids, reference_prompt_ids(tiny_engine.processor, text, query, doc))
-        want, _ = reference_logit(tiny_engine.model, tiny_engine.processor, text, query, doc, 3200)
+        assert np.array_equal(ids, reference_prompt_ids(ref_processor, text, query, doc))
+        want, _ = reference_logit(ref_model, ref_processor, text, query, doc, 3200)
         assert abs(got - want) <= 1e-5 and abs(probability(got) - probability(want)) <= 1e-5
     tiny_engine.release(pq)
 
@@ -110,7 +116,9 @@ def test_prompts_are_compiled_once_not_rendered_per_request(tiny_engine: QwenRer
     tiny_engine.release(pq)
 
 
-def test_unproven_cut_falls_back_to_the_uncut_prompt(tiny_engine: QwenRerankEngine) -> None:
+def test_unproven_cut_falls_back_to_the_uncut_prompt(
+    tiny_engine: QwenRerankEngine, ref_processor: Any
+) -> None:
     """A document part that does not reproduce the uncut prompt on the probes is not used (here a
     wrong one: the part of another document shape); pairs then take the uncut prompt, same ids."""
     shape = (True, False, True, False)
@@ -124,7 +132,7 @@ def test_unproven_cut_falls_back_to_the_uncut_prompt(tiny_engine: QwenRerankEngi
         assert pq.templates[(True, False)] is None
         for doc, pair in zip(docs, pairs, strict=True):
             got = np.concatenate([pq.shared_ids, pair.ids]) if pair.reuse else pair.ids
-            assert np.array_equal(got, _full_ids(tiny_engine, query, doc)), doc.text
+            assert np.array_equal(got, _full_ids(ref_processor, query, doc)), doc.text
         tiny_engine.release(pq)
     finally:
         tiny_engine._suffixes[shape] = right

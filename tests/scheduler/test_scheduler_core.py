@@ -22,7 +22,6 @@ import pytest
 from harness import FakeEngine, eventually, wait_thread_event
 from lychee_server import errors
 from lychee_server.domain import Content, Document, ImageInput, MediaType, RerankJob, RerankOptions, ScoreKind
-from lychee_server.engine.interface import probability
 from lychee_server.scheduler import Scheduler
 from lychee_server.settings import Settings
 
@@ -108,8 +107,8 @@ async def test_probability_scores_and_no_text_by_default() -> None:
             sched.rerank(make_job("-1.5", "0.25", kind=ScoreKind.PROBABILITY)), WAIT
         )
     assert [r.index for r in result.results] == [1, 0]
-    assert math.isclose(result.results[0].score, probability(0.25))
-    assert math.isclose(result.results[1].score, probability(-1.5))
+    assert math.isclose(result.results[0].score, 0.5621765008857981)  # 1 / (1 + e^-0.25), by hand
+    assert math.isclose(result.results[1].score, 0.18242552380635635)  # 1 / (1 + e^1.5)
     assert all(r.text is None for r in result.results)
 
 

@@ -34,32 +34,30 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|video_pad|>",
 )
 
-# Written for this project: renders like the Qwen2.5-VL template (system turn, list content with text
-# and image items, an image item as <|vision_start|><|image_pad|><|vision_end|>, generation prompt).
+# Qwen2.5-VL's chat template (the ``chat_template`` of Qwen/Qwen2.5-VL-7B-Instruct, which the Lychee
+# checkpoint keeps): a system turn, list content with text and image items, an image item as
+# <|vision_start|><|image_pad|><|vision_end|>, a newline after each role and each <|im_end|>, and the
+# generation prompt "<|im_start|>assistant\n". transformers renders it with trim_blocks/lstrip_blocks;
+# no newline here follows a block tag, so every one is output. (An earlier version trimmed them all
+# with "{%-" tags: the tiny checkpoint then scored at "assistant" instead of the real "\n".)
 QWEN2_VL_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{%- endif -%}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string -%}"
-    "{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item -%}"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif item['type'] == 'video' or 'video' in item -%}"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
     "<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif 'text' in item -%}"
-    "{{ item['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "<|im_end|>\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "<|im_start|>assistant\n"
-    "{%- endif -%}"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Qwen2's pre-tokenizer split pattern, so boundary merges (" \n", ">:-") behave like the real tokenizer.
