@@ -204,3 +204,27 @@ def test_prompt_split_through_the_marker() -> None:
     twice = Prompt.compile("a\nX<e>b\nX", CONTROL, {}, _enc)
     with pytest.raises(ValueError, match="occurs in 2 literals"):
         twice.split("\nX", 1)
+
+
+def test_counts_are_ints_and_text_between_images_advances() -> None:
+    n = image_token_count((1, 60, 82), 2)
+    assert n == 1230 and isinstance(n, int)
+    # image (1 merged), two text tokens, image: text at 1, 2 (idx 3 - prev 1 = 2 tokens), image at 3.
+    ids, pos, nxt = expand_and_position(np.array([PAD, 5, 6, PAD]), [(1, 2, 2), (1, 2, 2)], PAD, 2, 0)
+    assert ids.tolist() == [PAD, 5, 6, PAD]
+    assert pos.tolist() == [[0, 1, 2, 3]] * 3 and nxt == 4
+
+
+def test_slot_is_a_frozen_hashable_value() -> None:
+    import dataclasses
+
+    slot = Slot("query")
+    assert slot == Slot("query") and hash(slot) == hash(Slot("query")) and slot != Slot("document")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        slot.name = "document"  # type: ignore[misc]
+
+
+def test_prompt_split_at_an_odd_offset_into_a_literal() -> None:
+    prompt = Prompt.compile("<s>a" + DOCUMENT_MARKER + "<e>", CONTROL, {}, _enc)  # marker at index 1
+    head, tail = prompt.split(DOCUMENT_MARKER, 1)
+    assert head.segments == (1, ("a\n",)) and tail.segments == (("<Document>:",), 2)
