@@ -60,7 +60,10 @@ async def test_node_client_ranks_like_python(tiny_checkpoint: Path, tmp_path: Pa
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
 
-    async with harness.running_server(tiny_checkpoint) as srv:
+    # One preparation thread and a long batch wait: each request always forms the same batches, so
+    # the two clients' scores can be compared to the last bits (otherwise pairs join batches in the
+    # order their preparation finishes, which moves scores by ~1e-8 between identical calls).
+    async with harness.running_server(tiny_checkpoint, decode_threads=1, max_batch_wait_ms=1000) as srv:
         proc = await asyncio.create_subprocess_exec(
             NODE or "node",
             str(HERE / "client.js"),
