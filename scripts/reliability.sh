@@ -250,11 +250,13 @@ if live:
             "Liveness",
             f"normal text requests, idle p50 {live['idle_ms']['p50']} / p99 {live['idle_ms']['p99']} ms -> "
             f"under attack ({live['mix']}: {live['hostile']}) p50 {live['attack_ms']['p50']} / p99 "
-            f"{live['attack_ms']['p99']} ms (x{live['p99_ratio']}, target x3); health max "
+            f"{live['attack_ms']['p99']} ms (x{live['p99_ratio']} the raw idle p99; the test's bound "
+            f"3 x max(idle p99, 50 ms) = {3 * max(live['idle_ms']['p99'], 50.0):g} ms); health max "
             f"{live['health_max_ms']} ms (target 1 s); SIGTERM during the attack: exit "
             f"{live['exit_code']} after {live['exit_seconds_after_sigterm']} s (grace "
             f"{live['grace_period_s']} s, target grace + 5 s)",
-            verdict(target_ok),
+            verdict(target_ok)
+            + ("" if live["p99_ratio"] <= 3 else " (against the 50 ms floor; not within 3x the raw idle p99)"),
             live["command"],
         )
     )
@@ -295,6 +297,25 @@ lines += [
     + ", ".join(f"{g} {rc(g)}" for g in ("bad_inputs", "fuzz", "load", "faults", "security", "liveness"))
     + " (0 = passed).",
 ]
+
+if live:
+    lines += [
+        "",
+        "## Liveness under attack",
+        "",
+        "The server runs as a subprocess (grace period "
+        f"{live['grace_period_s']} s, `LYCHEE_STREAM_IDLE_TIMEOUT_S=2`). A stream of normal text-only "
+        "requests (3 documents, one at a time) is timed idle, then while hostile callers run in a "
+        "process of their own: two send 13 MiB requests with two million documents in a loop, two "
+        "send large progressive JPEGs in a loop, sixteen open streams that stall after half an item; "
+        f"health is checked every 100 ms. Hostile requests sent: {live['hostile']}. What holds the "
+        "line: documents counted from the field tags (refused past max_documents in under 1 ms, "
+        "GIL-friendly), size refusals answered after `oversize_refusal_delay_s`, image decodes in "
+        "killable worker processes on their own threads, stalled streams ended by "
+        "`stream_idle_timeout_s` within the server-wide `max_buffered_bytes`. On this 2-core machine "
+        "the attackers, the server and the measuring client share the cores, so the attack's CPU "
+        "use shows in the normal requests' latency.",
+    ]
 
 if load_fig:
     lines += [

@@ -173,9 +173,10 @@ def _attacker(address: str, stop: Any, counts: Any) -> None:
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 14, open: on the 2-core CI machine two callers re-sending 13 MiB two-million-document "
-        "requests in a loop raise normal p50/p99 by 10-100x (CPU: receive + copy + shallow parse of "
-        "every upload), and stalled streams bring the SIGTERM exit close to grace + 5 s; reported"
+        "issue 14: the bound holds on an idle 2-core machine (p99 132 ms vs 150 ms in the last "
+        "report) with little margin, and the attackers share the cores with the server and the "
+        "measuring client, so other work on the machine can push it over; a benchmark whose figures "
+        "scripts/reliability.sh renders, not a CI gate"
     ),
 )
 async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
