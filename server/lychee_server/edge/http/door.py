@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -629,8 +630,6 @@ class HttpDoor:
 
 
 def _with_total(result: domain.RerankResult, t0: float) -> domain.RerankResult:
-    from dataclasses import replace
-
     return replace(result, timings=replace(result.timings, total=time.monotonic() - t0))
 
 
