@@ -20,6 +20,9 @@ fi
 echo "== buf breaking (FILE) against the landed contract"
 if [ -s proto/BREAKING_BASELINE ] && git cat-file -e "$(cat proto/BREAKING_BASELINE)^{commit}" 2>/dev/null; then
   buf breaking --against ".git#ref=$(cat proto/BREAKING_BASELINE),subdir=proto" proto
+elif [ "${CI:-}" = "true" ]; then
+  echo "CI=true: the buf breaking baseline $(cat proto/BREAKING_BASELINE 2>/dev/null) is not in this clone's history; buf breaking may not be skipped" >&2
+  exit 1
 else
   echo "no landed baseline recorded yet (proto/BREAKING_BASELINE); skipping"
 fi
