@@ -44,8 +44,6 @@ pipeline, Haystack wraps it in ``PipelineRuntimeError`` with the original as ``_
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import math
 import mimetypes
@@ -71,6 +69,7 @@ from lychee.rerank.client import (
     ServerError,
     ServerInfo,
 )
+from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
 
 __all__ = ["LycheeRanker"]
 
@@ -79,23 +78,6 @@ _MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp")
 _DATA_IMAGE_PREFIX = "data:image/"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
-
-
-def _b64(data: str | bytes, where: str) -> bytes:
-    try:
-        decoded = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"{where}: invalid base64 image data") from err
-    if not decoded:
-        raise ValueError(f"{where}: image data is empty")
-    return decoded
-
-
-def _data_uri(uri: str, where: str) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError(f"{where}: only base64 data URIs ('data:image/png;base64,...') are supported")
-    return _b64(payload, where)
 
 
 def _typed(data: bytes, mime_type: str | None, where: str) -> ImageInput:
@@ -306,12 +288,12 @@ class LycheeRanker:
         if isinstance(value, ByteStream):
             return _typed(value.data, value.mime_type, where)
         if isinstance(value, ImageContent):
-            return _typed(_b64(value.base64_image, where), value.mime_type, where)
+            return _typed(decode_base64_image(value.base64_image, where), value.mime_type, where)
         if isinstance(value, bytes | bytearray | memoryview):
             return _typed(bytes(value), None, where)
         if isinstance(value, str):
             if value.startswith("data:"):
-                return _data_uri(value, where)
+                return decode_base64_data_uri(value, where)
             if _URL.match(value):
                 raise ValueError(f"{where}: remote image URLs are not fetched; pass the bytes instead")
             return self._path(value, where)
@@ -359,7 +341,7 @@ class LycheeRanker:
         if text is not None and text.startswith(_DATA_IMAGE_PREFIX) and ";base64," in text:
             if image is not None:
                 raise ValueError("query is an image data URI and query_image is set too; pass one image")
-            image, text = _data_uri(text, "query"), None
+            image, text = decode_base64_data_uri(text, "query"), None
         if text is None and image is None:
             raise ValueError("query is empty: give text, an image data URI, or query_image")
         return Query(text=text, image=image)

@@ -36,8 +36,6 @@ gRPC error. Inputs the adapter cannot encode raise ``ValueError``/``TypeError`` 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import os
 import threading
@@ -59,6 +57,7 @@ from lychee.rerank.client import (
     RankedDocument,
     ServerError,
 )
+from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
 
 __all__ = ["LycheeRerank"]
 
@@ -69,23 +68,6 @@ _DATA_IMAGE_PREFIX = "data:image/"
 def _api_key_from_env() -> SecretStr | None:
     value = os.environ.get(API_KEY_ENV)
     return SecretStr(value) if value else None
-
-
-def _decode_b64(data: str | bytes, where: str) -> bytes:
-    try:
-        decoded = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"{where}: invalid base64 image data") from err
-    if not decoded:
-        raise ValueError(f"{where}: image data is empty")
-    return decoded
-
-
-def _decode_data_uri(uri: str, where: str) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError(f"{where}: only base64 data URIs ('data:image/png;base64,...') are supported")
-    return _decode_b64(payload, where)
 
 
 def _is_url(value: str) -> bool:
@@ -210,7 +192,7 @@ class LycheeRerank(BaseDocumentCompressor):
             return self._image_from_block(value, where)
         if isinstance(value, str):
             if value.startswith("data:"):
-                return _decode_data_uri(value, where)
+                return decode_base64_data_uri(value, where)
             if _is_url(value):
                 raise ValueError(f"{where}: remote image URLs are not fetched; pass the bytes instead")
             return self._local_path(Path(value), where)
@@ -228,14 +210,14 @@ class LycheeRerank(BaseDocumentCompressor):
         if kind not in ("image", "image_url"):
             raise ValueError(f"{where}: content block of type {kind!r} is not an image")
         if isinstance(block.get("base64"), str | bytes):  # LangChain v1 standard block
-            return _decode_b64(block["base64"], where)
+            return decode_base64_image(block["base64"], where)
         if block.get("source_type") == "base64" and isinstance(block.get("data"), str | bytes):
-            return _decode_b64(block["data"], where)  # LangChain v0 block
+            return decode_base64_image(block["data"], where)  # LangChain v0 block
         url = block.get("url")
         if isinstance(block.get("image_url"), dict):  # OpenAI chat format
             url = block["image_url"].get("url")
         if isinstance(url, str) and url.startswith("data:"):
-            return _decode_data_uri(url, where)
+            return decode_base64_data_uri(url, where)
         if isinstance(url, str):
             raise ValueError(f"{where}: remote image URLs are not fetched; pass the bytes instead")
         raise ValueError(f"{where}: image block carries no inline base64 data")
@@ -267,7 +249,7 @@ class LycheeRerank(BaseDocumentCompressor):
         if text is not None and text.startswith(_DATA_IMAGE_PREFIX) and ";base64," in text:
             if image is not None:
                 raise ValueError("query is an image data URI and query_image is set too; pass one image")
-            image, text = _decode_data_uri(text, "query"), None
+            image, text = decode_base64_data_uri(text, "query"), None
         if text is None and image is None:
             raise ValueError("query is empty: give text, an image data URI, or query_image")
         return Query(text=text, image=image)

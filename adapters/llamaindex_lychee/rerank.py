@@ -43,8 +43,6 @@ cannot be encoded raise ``ValueError`` / ``TypeError`` before any call.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import os
 import re
@@ -71,6 +69,7 @@ from lychee.rerank.client import (
     RerankResult,
     ServerError,
 )
+from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
 
 __all__ = ["LycheeRerank"]
 
@@ -86,23 +85,6 @@ dispatcher = instrument.get_dispatcher(__name__)
 def _api_key_from_env() -> SecretStr | None:
     value = os.environ.get(API_KEY_ENV)
     return SecretStr(value) if value else None
-
-
-def _b64(data: str | bytes, where: str) -> bytes:
-    try:
-        decoded = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ValueError(f"{where}: invalid base64 image data") from err
-    if not decoded:
-        raise ValueError(f"{where}: image data is empty")
-    return decoded
-
-
-def _data_uri(uri: str, where: str) -> bytes:
-    header, sep, payload = uri.partition(",")
-    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
-        raise ValueError(f"{where}: only base64 data URIs ('data:image/png;base64,...') are supported")
-    return _b64(payload, where)
 
 
 def _is_remote(value: str) -> bool:
@@ -220,7 +202,7 @@ class LycheeRerank(BaseNodePostprocessor):
     def _reference(self, value: str, where: str) -> ImageInput:
         """A string naming an image: a ``data:`` URI, or a local path; URLs are refused."""
         if value.startswith("data:"):
-            return _data_uri(value, where)
+            return decode_base64_data_uri(value, where)
         if _is_remote(value):
             raise ValueError(f"{where}: remote image URLs are not fetched; pass the bytes instead")
         return self._path(value, where)
@@ -246,7 +228,7 @@ class LycheeRerank(BaseNodePostprocessor):
     def _node_image(self, node: BaseNode, where: str) -> ImageInput | None:
         if isinstance(node, ImageNode):
             if node.image:
-                return _with_type(_b64(node.image, f"{where}.image"), node.image_mimetype)
+                return _with_type(decode_base64_image(node.image, f"{where}.image"), node.image_mimetype)
             if node.image_url:
                 return self._reference(node.image_url, f"{where}.image_url")
             if node.image_path:
@@ -254,7 +236,7 @@ class LycheeRerank(BaseNodePostprocessor):
         if isinstance(node, Node) and node.image_resource is not None:
             res = node.image_resource
             if res.data:
-                return _with_type(_b64(res.data, f"{where}.image_resource.data"), res.mimetype)
+                return _with_type(decode_base64_image(res.data, f"{where}.image_resource.data"), res.mimetype)
             if res.url is not None:
                 return self._reference(str(res.url), f"{where}.image_resource.url")
             if res.path is not None:
@@ -291,7 +273,7 @@ class LycheeRerank(BaseNodePostprocessor):
         if text is not None and text.startswith(_DATA_IMAGE_PREFIX) and ";base64," in text:
             if image is not None:
                 raise ValueError("query_str is an image data URI and image_path is set too; pass one image")
-            image, text = _data_uri(text, "query_str"), None
+            image, text = decode_base64_data_uri(text, "query_str"), None
         if text is None and image is None:
             raise ValueError("the query is empty: give query_str, an image data URI, or image_path")
         return Query(text=text, image=image)

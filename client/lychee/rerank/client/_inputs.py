@@ -307,3 +307,22 @@ def coerce_query(value: object) -> Item:
 def coerce_document(value: object, index: int) -> Item:
     """Resolve ``documents[index]``."""
     return _coerce(value, f"documents[{index}]", allow_id=True)
+
+
+def decode_base64_image(data: str | bytes, where: str) -> bytes:
+    """Strict base64 of an image's bytes (the adapters' image values); ``where`` names it in errors."""
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"{where}: invalid base64 image data") from err
+    if not decoded:
+        raise ValueError(f"{where}: image data is empty")
+    return decoded
+
+
+def decode_base64_data_uri(uri: str, where: str) -> bytes:
+    """The bytes of a ``data:<type>;base64,<data>`` URI (only base64 ones), for the adapters."""
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise ValueError(f"{where}: only base64 data URIs ('data:image/png;base64,...') are supported")
+    return decode_base64_image(payload, where)
