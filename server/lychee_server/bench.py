@@ -51,6 +51,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=["qwen2.5-vl-7b", "qwen2.5-vl-3b"], default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "varlen"])
+    parser.add_argument("--fused-kernels", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--quantization", default="none", choices=["none", "fp8"])
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +169,9 @@ def open_engine(
         device=args.device,
         dtype=args.dtype,
         random_weights=bool(args.random_weights),
+        attention_backend=getattr(args, "attention_backend", "auto"),
+        fused_kernels=getattr(args, "fused_kernels", "auto"),
+        quantization=getattr(args, "quantization", "none"),
         batch_token_budget=batch_token_budget,
         max_batch_pairs=max_batch_pairs,
         warmup=False,

@@ -35,6 +35,23 @@ class Settings(BaseSettings):
         "auto", description="'auto' = flash_attention_2 when flash-attn is installed on CUDA, else sdpa."
     )
     load_in_4bit: bool = Field(False, description="4-bit weights via bitsandbytes (CUDA only).")
+    attention_backend: Literal["auto", "sdpa", "varlen"] = Field(
+        "auto",
+        description="Decoder attention after the shared prefix. 'varlen': packed tokens, no padding, GQA "
+        "in the kernel, prefix K/V read in place and merged exactly by log-sum-exp (torch's varlen "
+        "flash kernel on CUDA, an exact reference of the same contract elsewhere); 'sdpa': padded "
+        "batches with a mask (the fallback); 'auto' = varlen on CUDA when the kernel runs, else sdpa.",
+    )
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Fused elementwise kernels (RMSNorm, rotary, SiLU*mul) compiled with torch.compile, "
+        "FP32 math inside. 'auto' = on for CUDA when the compiler works, off on CPU.",
+    )
+    quantization: Literal["none", "fp8"] = Field(
+        "none",
+        description="'fp8': the LLM's linear layers in float8 (per-channel weight, per-token activation "
+        "scales; Hopper GPUs only). Reported by GetServerInfo.",
+    )
     random_weights: bool = Field(
         False, description="Build the model from its config with random weights (benchmarks only)."
     )
