@@ -15,6 +15,11 @@ PY=${PYTHON:-python3}
 pins=(-c scripts/constraints.txt)
 [ -z "${TORCH_SPEC:-}" ] || pins=()
 .venv/bin/python -m pip install -q "${pins[@]}" -e ".[server,langchain,llamaindex,haystack,eval,dev]"
+# Qwen's real BPE ranks for the real-vocabulary test checkpoint (tests/engine/test_real_vocab.py):
+# the tests read dashscope/resources/qwen.tiktoken out of this wheel as a zip (sha256 checked there);
+# dashscope itself is not installed (its dependencies are heavy and nothing imports it).
+[ -f build/wheels/dashscope-2.0.2-py3-none-any.whl ] \
+  || .venv/bin/python -m pip download -q --no-deps dashscope==2.0.2 -d build/wheels
 if command -v npm >/dev/null 2>&1; then
   (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)  # the Node example

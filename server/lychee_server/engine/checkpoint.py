@@ -5,16 +5,35 @@ and of the processor, the chat template, the tokenizer with Qwen's special token
 M-RoPE) must still be exercised exactly as with ``vec-ai/lychee-rerank-mm``. The directory written
 here has the same layout as the real checkpoint (config.json, safetensors weights, tokenizer.json,
 tokenizer_config.json, chat template, preprocessor config), only a few MB, generated at test time.
+
+Two vocabularies: ``vocab="tiny"`` (the default) trains a small byte-level BPE on a built-in corpus;
+``vocab="real"`` builds Qwen2's own tokenizer from its published byte-level BPE ranks (the
+``qwen.tiktoken`` file that the ``dashscope`` wheel ships, see ``load_tiktoken_ranks``), with every
+chat / vision special token at its real id (``<|image_pad|>`` = 151655) and a 151936-row embedding,
+so ids, token boundaries and the prefix/document cut are those of the real checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
+import zipfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["QWEN2_VL_CHAT_TEMPLATE", "build_tiny_checkpoint", "main_make_checkpoint"]
+__all__ = [
+    "QWEN2_ADDED_TOKENS",
+    "QWEN2_VL_CHAT_TEMPLATE",
+    "QWEN2_VOCAB_SIZE",
+    "QWEN_TIKTOKEN_MEMBER",
+    "build_tiny_checkpoint",
+    "load_tiktoken_ranks",
+    "main_make_checkpoint",
+    "qwen2_tokenizer_from_ranks",
+    "tiktoken_to_bpe",
+]
 
 # Qwen chat special tokens, in the same order (and so relative ids) as in the real tokenizer.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -111,6 +130,192 @@ def _train_tokenizer(vocab_size: int = 640) -> object:
     return tok
 
 
+# ----------------------------------------------------------------------------- the real vocabulary
+
+# Where the dashscope wheel keeps Qwen's ranks: one "base64(token bytes) rank" per line, ranks 0..151642.
+QWEN_TIKTOKEN_MEMBER = "dashscope/resources/qwen.tiktoken"
+# Qwen2's added tokens after its 151643 ranks, in id order (Qwen2.5-VL's tokenizer_config.json
+# added_tokens_decoder / added_tokens.json: <|endoftext|> 151643 ... <|video_pad|> 151656 are special,
+# the tool-call and fill-in-the-middle tokens 151657..151664 are added but not special).
+QWEN2_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
+    *((t, True) for t in SPECIAL_TOKENS),
+    *(
+        (t, False)
+        for t in (
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        )
+    ),
+)
+QWEN2_FIRST_ADDED_ID = 151643
+# The embedding rows of Qwen2.5-VL-3B (the 7B pads to 152064): every added id has a row.
+QWEN2_VOCAB_SIZE = 151936
+
+
+def load_tiktoken_ranks(source: str | Path) -> dict[bytes, int]:
+    """Qwen's BPE ranks from a ``qwen.tiktoken`` file, or from a wheel / zip that holds one at
+    ``QWEN_TIKTOKEN_MEMBER`` (the dashscope wheel: read as a zip, dashscope is never imported)."""
+    path = Path(source)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            raw = zf.read(QWEN_TIKTOKEN_MEMBER)
+    else:
+        raw = path.read_bytes()
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{path}: line {n} is not 'base64-token rank'")
+        token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+        if token in ranks:
+            raise ValueError(f"{path}: line {n}: token {token!r} ranked twice")
+        ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks are not 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (what ``pre_tokenizers.ByteLevel`` maps bytes to): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for code points 256, 257, ... in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
+    """tiktoken's byte-pair encoding of ``token`` using only ranks under ``below``: repeatedly merge
+    the adjacent pair whose concatenation has the lowest rank (leftmost on a tie)."""
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best_rank, best_at = below, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best_rank, best_at = r, i
+        if best_at < 0:
+            break
+        parts[best_at : best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+    return parts
+
+
+def tiktoken_to_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the HF byte-level BPE equivalent to tiktoken ``ranks``.
+
+    The id of a token is its rank, its string the GPT-2 byte-level spelling of its bytes. A token of
+    rank r longer than one byte is the merge of the two pieces that BPE with the ranks below r leaves
+    of its bytes; merge i is the one that makes the token of the i-th lowest such rank, so the HF
+    merge priority is tiktoken's rank order.
+    """
+    alphabet = _byte_to_unicode()
+    singles = {t for t in ranks if len(t) == 1}
+    if len(singles) != 256:
+        raise ValueError(f"the ranks hold {len(singles)} of the 256 single bytes")
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {spell(t): r for t, r in ranks.items()}
+    merges: list[tuple[str, str]] = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe_parts(ranks, token, rank)
+        if len(parts) != 2:
+            raise ValueError(
+                f"token {token!r} (rank {rank}) is not one merge of lower-ranked tokens: {parts}"
+            )
+        merges.append((spell(parts[0]), spell(parts[1])))
+    return vocab, merges
+
+
+def qwen2_tokenizer_from_ranks(ranks: dict[bytes, int]) -> Any:
+    """Qwen2's fast tokenizer (a ``tokenizers.Tokenizer``) built from its BPE ranks: NFC, the Qwen2
+    split regex, ByteLevel without its own regex, BPE without byte fallback, ByteLevel decoder, and
+    the added tokens of ``QWEN2_ADDED_TOKENS`` at 151643, 151644, ..."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
+    if len(ranks) != QWEN2_FIRST_ADDED_ID:
+        raise ValueError(f"Qwen2 has {QWEN2_FIRST_ADDED_ID} ranked tokens, this file {len(ranks)}")
+    vocab, merges = tiktoken_to_bpe(ranks)
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    for n, (content, special) in enumerate(QWEN2_ADDED_TOKENS):
+        added = AddedToken(
+            content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special
+        )
+        count = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+        got = tok.token_to_id(content)
+        if count != 1 or got != QWEN2_FIRST_ADDED_ID + n:
+            raise RuntimeError(f"{content} got id {got}, not {QWEN2_FIRST_ADDED_ID + n}")
+    return tok
+
+
+def _qwen2_tokenizer_config(out: Path) -> None:
+    """Rewrite tokenizer_config.json as Qwen2.5-VL's: the Qwen2Tokenizer class (which
+    ``AutoTokenizer`` then rebuilds from tokenizer.json's vocab and merges, as for the real checkpoint),
+    no bos / unk token, eos <|im_end|>, pad <|endoftext|>, special tokens not split."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(
+        {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "bos_token": None,
+            "unk_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "errors": "replace",
+            "split_special_tokens": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 131072,
+        }
+    )
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
 def _config(vocab_size: int, ids: dict[str, int]) -> dict[str, object]:
     hidden, heads, kv_heads = 64, 4, 2  # head_dim 16 -> mrope_section sums to 8 (= head_dim / 2)
     text = {
@@ -178,11 +383,22 @@ def _declare_random_in_headers(directory: Path) -> None:
         save_file(load_file(str(path)), str(path), metadata=meta)
 
 
-def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+def build_tiny_checkpoint(
+    path: str | Path, seed: int = 0, vocab: str = "tiny", tiktoken: str | Path | None = None
+) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint to ``path`` (created) and return it.
 
     Deterministic for a given ``seed``; loads through the same ``from_pretrained`` path as the real model.
+    ``vocab="real"`` uses Qwen2's real tokenizer, built from ``tiktoken`` (a ``qwen.tiktoken`` file or
+    the dashscope wheel holding one; see ``load_tiktoken_ranks``), and 151936 embedding rows
+    (about 80 MB of FP32 weights, the two 151936 x 64 matrices).
     """
+    if vocab not in ("tiny", "real"):
+        raise ValueError(f"vocab must be 'tiny' or 'real', not {vocab!r}")
+    if (vocab == "real") != (tiktoken is not None):
+        raise ValueError(
+            "vocab='real' needs tiktoken= (the qwen.tiktoken file or the dashscope wheel), only it"
+        )
     import torch
     from transformers import (
         AutoProcessor,
@@ -193,7 +409,9 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    raw = _train_tokenizer()
+    raw = (
+        _train_tokenizer() if tiktoken is None else qwen2_tokenizer_from_ranks(load_tiktoken_ranks(tiktoken))
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         eos_token="<|im_end|>",
@@ -205,8 +423,12 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     )
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
+    if vocab == "real":
+        _qwen2_tokenizer_config(out)
     ids = {t: int(tokenizer.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}
     vocab_size = ((len(tokenizer) + 63) // 64) * 64  # padded like Qwen's 152064
+    if vocab == "real":
+        vocab_size = QWEN2_VOCAB_SIZE
 
     (out / "preprocessor_config.json").write_text(
         json.dumps(
@@ -251,17 +473,35 @@ def build_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
     # clients (the knowledge-base example) can say that its scores carry no meaning.
     (out / RANDOM_WEIGHTS_MARKER).write_text("random weights: a test checkpoint; scores carry no meaning\n")
     # Round-trip check: the processor must load from the directory like the real one.
-    AutoProcessor.from_pretrained(out)
+    loaded = AutoProcessor.from_pretrained(out)
+    if vocab == "real":
+        got = {t: loaded.tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN2_ADDED_TOKENS}
+        want = {t: QWEN2_FIRST_ADDED_ID + n for n, (t, _) in enumerate(QWEN2_ADDED_TOKENS)}
+        if got != want or type(loaded.tokenizer).__name__ != "Qwen2Tokenizer":
+            raise RuntimeError(
+                f"the saved Qwen2 tokenizer reloads as {type(loaded.tokenizer).__name__}: {got}"
+            )
     return out
 
 
 def main_make_checkpoint(argv: list[str] | None = None) -> int:
-    """CLI entry: ``lychee-rerank make-test-checkpoint DIR [--seed N]``."""
+    """CLI entry: ``lychee-rerank make-test-checkpoint DIR [--seed N] [--tiktoken FILE]``."""
     parser = argparse.ArgumentParser(prog="lychee-rerank make-test-checkpoint")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tiktoken",
+        type=Path,
+        default=None,
+        help="Qwen's qwen.tiktoken (or the dashscope wheel holding it): use the real Qwen2 vocabulary",
+    )
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.directory, seed=args.seed)
+    path = build_tiny_checkpoint(
+        args.directory,
+        seed=args.seed,
+        vocab="tiny" if args.tiktoken is None else "real",
+        tiktoken=args.tiktoken,
+    )
     print(path)
     return 0
 
