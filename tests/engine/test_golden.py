@@ -51,6 +51,18 @@ DOCUMENTS: dict[str, Content] = {
 }
 
 
+@pytest.fixture(scope="module", params=["sdpa", "varlen"])
+def tiny_engine(request: pytest.FixtureRequest, tiny_settings: Any) -> Any:
+    """Every golden test runs on each attention path: the padded SDPA fallback and the varlen path
+    (packed tokens, prefix merged by log-sum-exp; on the CPU its exact reference implementation)."""
+    engine = QwenRerankEngine.from_settings(
+        tiny_settings.model_copy(update={"attention_backend": request.param})
+    )
+    assert engine.attention_backend.startswith(request.param)
+    yield engine
+    engine.close()
+
+
 @pytest.fixture(scope="module")
 def ref(ref_model: Any, ref_processor: Any) -> Any:
     """``ref(query, doc, max_length=3200)``: the reference's logit gap for one pair."""

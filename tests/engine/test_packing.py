@@ -30,8 +30,8 @@ def test_small_requests_share_one_packed_batch(
     built: list[Any] = []
     original = QwenRerankEngine._batch_prefix
 
-    def spy(self: QwenRerankEngine, row_queries: list[Any]) -> Any:
-        out = original(self, row_queries)
+    def spy(self: QwenRerankEngine, row_queries: list[Any], vis: Any = None) -> Any:
+        out = original(self, row_queries, vis)
         built.append(out)
         return out
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lychee_server.domain import Content, EngineInfo, ImageInput, Modality
+from lychee_server.engine.attention import Segments, VarlenAttention, merge
 from lychee_server.engine.decode_pool import DecodePool
 from lychee_server.engine.images import ImageLimits
 from lychee_server.engine.loading import LoadedModel, load_model
@@ -99,6 +100,7 @@ class _Rows:
     index: torch.Tensor | None  # (N,) flat (B*S) slot of each real token; None when no row is padded
     last_packed: torch.Tensor  # (B,) packed index of each row's last token
     last_pos: torch.Tensor  # (B,) position of each row's last token within its row
+    lengths: tuple[int, ...] = ()  # (B,) tokens of each row, on the host
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, S, ...), zeros in the padding (never seen by a real query)."""
@@ -116,29 +118,80 @@ class _Rows:
 
 @dataclass(eq=False)
 class _PrefixKV:
-    keys: list[torch.Tensor]  # per layer (1, kv_heads, P, head_dim), rotary already applied
+    """One request's shared prefix: per layer keys (rotary applied) and values, packed (P, KV, D)."""
+
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
+
+    @property
+    def width(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 @dataclass(eq=False)
 class _PackedPrefix:
-    """The prefixes of several requests for one batch: row ``i`` continues ``states[rows[i]]``.
+    """The prefixes of several requests for one batch: row ``i`` continues ``states[row_states[i]]``.
 
-    Keys are right-padded per layer to ``width`` when a layer runs (never all layers at once: on 7B a
-    packed copy of every layer would be GBs); padded keys are masked out with ``lengths``.
+    For the padded path, keys are right-padded per layer to ``width`` when a layer runs (never all
+    layers at once: on 7B a packed copy of every layer would be GBs); padded keys are masked out with
+    ``lengths``. The varlen path reads each state once per layer instead (``engine.attention``).
     """
 
     states: list[_PrefixKV]
+    row_states: tuple[int, ...]  # (B,) on the host
     rows: torch.Tensor  # (B,) index into ``states``
     lengths: torch.Tensor  # (B,) real prefix length of each row
-    width: int
+
+    @property
+    def width(self) -> int:
+        return max(st.width for st in self.states)
 
     def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, KV, width, D) keys and values of layer ``li``, one padded copy per row."""
+        width = self.width
+
         def pack(parts: list[torch.Tensor]) -> torch.Tensor:
-            padded = [F.pad(t, (0, 0, 0, self.width - t.shape[2])) for t in parts]
-            return torch.cat(padded).index_select(0, self.rows)
+            padded = torch.stack([F.pad(t, (0, 0, 0, 0, 0, width - t.shape[0])) for t in parts])
+            return padded.index_select(0, self.rows).transpose(1, 2)
 
         return pack([st.keys[li] for st in self.states]), pack([st.values[li] for st in self.states])
+
+
+@dataclass(eq=False)
+class _VarlenPlan:
+    """Segments of one batch for the varlen path (``engine.attention``): documents causal within
+    themselves, and for the final layer one query per row; prefix segments group the rows of each
+    request (rows of one request are contiguous in a varlen batch) against that request's keys."""
+
+    doc: Segments
+    last: Segments
+    prefixes: list[_PrefixKV]
+    pre: Segments | None
+    pre_last: Segments | None
+
+    def prefix_layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.prefixes) == 1:
+            return self.prefixes[0].keys[li], self.prefixes[0].values[li]
+        return (
+            torch.cat([st.keys[li] for st in self.prefixes]),
+            torch.cat([st.values[li] for st in self.prefixes]),
+        )
+
+
+@dataclass(eq=False)
+class _PaddedPlan:
+    """Masks of one batch for the padded path: ``mask`` (documents' queries over [prefix; rows];
+    None = plain causal), ``kmask`` (each row's last query, final layer)."""
+
+    rows: _Rows
+    prefix: _PrefixKV | _PackedPrefix | None
+    p: int
+    mask: torch.Tensor | None
+    kmask: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +253,24 @@ class QwenPreparedPair:
         return len(self.ids)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """A device allocation failure in any of its forms: the caching allocator's ``OutOfMemoryError``,
+    a raw ``CUDA error: out of memory`` from a kernel launch, or a library (cuBLAS, cuDNN) failing
+    to get its workspace. The scheduler answers all of them by splitting the batch."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        sign in text
+        for sign in (
+            "out of memory",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+            "CUDNN_STATUS_ALLOC_FAILED",
+            "CUDA_ERROR_OUT_OF_MEMORY",
+        )
+    )
+
+
 class QwenRerankEngine:
     """Implements ``lychee_server.engine.interface.Engine`` for Qwen2.5-VL rerankers (Lychee).
 
@@ -254,7 +325,11 @@ class QwenRerankEngine:
             section = rp.get("mrope_section", [16, 24, 24])
         self.mrope_section = [int(s) for s in section]
         w = self.model.get_output_embeddings().weight
-        self.w_no_yes: torch.Tensor = w[[self.no_id, self.yes_id]].detach().clone()
+        # The score head in float32 (see _score_head): the two rows and the final norm's weight.
+        self.w_no_yes: torch.Tensor = w[[self.no_id, self.yes_id]].detach().float().clone()
+        self.norm_w: torch.Tensor = self.lm.norm.weight.detach().float().clone()
+        self.norm_eps = float(getattr(self.lm.norm, "variance_epsilon", getattr(self.lm.norm, "eps", 1e-6)))
+        self._varlen, self.attention_backend = self._choose_attention(settings.attention_backend)
         # Query chunk of the prefixed attention: small on CPU (no launch cost), large on GPU.
         self._attn_chunk = 64 if self.device.type == "cpu" else 512
         self.limits = ImageLimits(
@@ -284,6 +359,19 @@ class QwenRerankEngine:
             max_pixels=settings.max_pixels,
             random_weights=loaded.random_weights,
         )
+
+    def _choose_attention(self, spec: str) -> tuple[VarlenAttention | None, str]:
+        """The decoder's attention path and a line saying which kernel runs it.
+
+        'auto': the varlen path where torch's varlen kernel runs and agrees with the reference
+        (CUDA), else the padded SDPA path. 'varlen': the varlen path always (on the reference where
+        no kernel runs: exact, slower; how the CPU tests cover it). 'sdpa': the padded path."""
+        if spec == "sdpa" or (spec == "auto" and self.device.type != "cuda"):
+            return None, "sdpa (padded batches)"
+        va = VarlenAttention(self.device, self.dtype, use_kernel=True)
+        if spec == "auto" and not va.kernel:
+            return None, f"sdpa (padded batches; varlen: {va.note})"
+        return va, f"varlen ({va.note})"
 
     @classmethod
     def from_settings(cls, settings: Settings, shape: str | None = None) -> QwenRerankEngine:
@@ -355,6 +443,9 @@ class QwenRerankEngine:
             patches, grid = self._fast_pre(pil)
         else:
             patches, grid = hf_patches(self.processor.image_processor, pil)
+        if self.device.type == "cuda":
+            # Pinned here, on the preparing thread, so the device thread's copy is a plain async DMA.
+            patches = patches.pin_memory()
         return ImageItem(key, grid, patches, image)
 
     def prepare_query(
@@ -462,7 +553,7 @@ class QwenRerankEngine:
     # ------------------------------------------------------------------ device side
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
         return t.to(self.device)
 
     def _vision(self, items: Sequence[ImageItem]) -> dict[str, torch.Tensor]:
@@ -527,7 +618,10 @@ class QwenRerankEngine:
     def _embed(
         self, rows: Sequence[tuple[np.ndarray, np.ndarray, list[ImageItem]]], vis: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, _Rows]:
-        """Token embeddings (N, H) and 3-D positions (3, N) of ``rows`` packed end to end, no padding."""
+        """Token embeddings (N, H) and 3-D positions (3, N) of ``rows`` packed end to end, no padding.
+
+        Every index is computed on the host and copied asynchronously: no boolean mask (its size
+        would need a device-to-host sync) ever touches a device tensor."""
         lengths = [len(r[0]) for r in rows]
         s = max(lengths)
         ids = np.concatenate([r[0] for r in rows]).astype(np.int64, copy=False)
@@ -543,14 +637,14 @@ class QwenRerankEngine:
             index=index,
             last_packed=self._to_device(torch.from_numpy(ends - 1)),
             last_pos=self._to_device(torch.tensor(lengths, dtype=torch.int64) - 1),
+            lengths=tuple(lengths),
         )
         ids_t = self._to_device(torch.from_numpy(ids))
         h = self.lm.embed_tokens(ids_t)
         embeds = [vis[it.key] for r in rows for it in r[2]]
         if embeds:
-            mask = ids_t == self.image_token_id
-            h = h.clone()
-            h[mask] = torch.cat(embeds, dim=0).to(h.dtype)
+            where = self._to_device(torch.from_numpy(np.flatnonzero(ids == self.image_token_id)))
+            h = h.index_copy(0, where, torch.cat(embeds, dim=0).to(h.dtype))
         return h, self._to_device(torch.from_numpy(pos)), meta
 
     def _forward(
@@ -568,80 +662,106 @@ class QwenRerankEngine:
         request's prefix shared by all rows, or per-row prefixes of several requests (packed).
 
         Norms, projections and MLPs (nearly all the FLOPs at real shapes) run on the N real tokens
-        only; attention alone sees the rows right-padded to (B, S), where padded keys are never
-        visible to a real query. A batch of a 300-token passage and four 20-token ones thus costs
-        380 tokens of MLP, not 1500.
+        only. Attention runs either on packed tokens (``varlen`` backend, :meth:`_attend_varlen`) or
+        on rows right-padded to (B, S) (``sdpa``, :meth:`_attend_padded`), where padded keys are
+        never visible to a real query. A batch of a 300-token passage and four 20-token ones thus
+        costs 380 tokens of MLP, not 1500.
         """
-        b, s = rows.b, rows.s
-        n = h.shape[0]
+        b, n = rows.b, h.shape[0]
         cos, sin = self._rope(pos)  # (N, head_dim)
         cos3, sin3 = cos[:, None], sin[:, None]
-        if prefix is None:
-            p = 0
-        elif isinstance(prefix, _PackedPrefix):
-            p = prefix.width
-        else:
-            p = prefix.keys[0].shape[2]
-        mask: torch.Tensor | None = None
-        key_ok: torch.Tensor | None = None  # (B, 1, 1, P + S): real prefix keys of each row
-        if p:
-            q_idx = torch.arange(s, device=h.device)[:, None]
-            k_idx = torch.arange(p + s, device=h.device)[None, :]
-            mask = ((k_idx < p) | (k_idx - p <= q_idx))[None, None]
-            if isinstance(prefix, _PackedPrefix):
-                key_ok = ((k_idx >= p) | (k_idx < prefix.lengths[:, None]))[:, None, None]
-                mask = mask & key_ok
+        varlen = self._varlen is not None and not prefix_mode
+        plan: _VarlenPlan | _PaddedPlan = (
+            self._varlen_plan(rows, prefix) if varlen else self._padded_plan(rows, prefix, h.device)
+        )
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         layers = self.lm.layers
         n_layers = len(layers)
-        scale = self.head_dim**-0.5
         for li, layer in enumerate(layers):
             attn = layer.self_attn
             x = _rms_norm(layer.input_layernorm, h)
             k = self._rotate(attn.k_proj(x).view(n, self.n_kv, self.head_dim), cos3, sin3)
-            k = rows.pad(k).transpose(1, 2)  # (B, KV, S, D)
-            v = rows.pad(attn.v_proj(x).view(n, self.n_kv, self.head_dim)).transpose(1, 2)
+            v = attn.v_proj(x).view(n, self.n_kv, self.head_dim)
             if prefix_mode:
                 keys.append(k)
                 values.append(v)
                 if li == n_layers - 1:
                     break
-            if isinstance(prefix, _PackedPrefix):
-                pk, pv = prefix.layer(li)
-                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            elif prefix is not None and p:
-                k = torch.cat([prefix.keys[li].expand(b, -1, -1, -1), k], dim=2)
-                v = torch.cat([prefix.values[li].expand(b, -1, -1, -1), v], dim=2)
-            kr, vr = self._repeat_kv(k), self._repeat_kv(v)
-            if not prefix_mode and li == n_layers - 1:
+            last = not prefix_mode and li == n_layers - 1
+            if last:
                 # Final layer: only the last real position of each row matters.
-                xl = x[rows.last_packed]  # (B, H)
-                hl = h[rows.last_packed]
-                q = attn.q_proj(xl).view(b, self.n_heads, 1, self.head_dim)
-                c, sn = cos[rows.last_packed][:, None, None], sin[rows.last_packed][:, None, None]
-                q = self._rotate(q, c, sn)
-                kmask = (torch.arange(p + s, device=h.device)[None, :] <= (p + rows.last_pos)[:, None])[
-                    :, None, None
-                ]
-                if key_ok is not None:
-                    kmask = kmask & key_ok
-                o = F.scaled_dot_product_attention(q, kr, vr, attn_mask=kmask, scale=scale)
+                lp = rows.last_packed
+                hl = h[lp]
+                q = attn.q_proj(x[lp]).view(b, self.n_heads, self.head_dim)
+                q = self._rotate(q, cos3[lp], sin3[lp])
+            else:
+                q = self._rotate(attn.q_proj(x).view(n, self.n_heads, self.head_dim), cos3, sin3)
+            if isinstance(plan, _VarlenPlan):
+                o = self._attend_varlen(plan, li, q, k, v, last)
+            else:
+                o = self._attend_padded(plan, li, q, k, v, last)
+            if last:
                 hl = hl + attn.o_proj(o.reshape(b, -1))
                 hl = hl + layer.mlp(_rms_norm(layer.post_attention_layernorm, hl))
-                hn: torch.Tensor = _rms_norm(self.lm.norm, hl)
-                logits = hn @ self.w_no_yes.t().to(hn.dtype)
-                return (logits[:, 1] - logits[:, 0]).float()
-            q = self._rotate(attn.q_proj(x).view(n, self.n_heads, self.head_dim), cos3, sin3)
-            q = rows.pad(q).transpose(1, 2)  # (B, heads, S, D)
-            if mask is None:
-                o = F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
-            else:
-                o = self._prefixed_attention(q, kr, vr, mask, p, scale)
-            o = rows.unpad(o.transpose(1, 2)).reshape(n, -1)
-            h = h + attn.o_proj(o)
+                return self._score_head(hl)
+            h = h + attn.o_proj(o.reshape(n, -1))
             h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
         return _PrefixKV(keys, values)
+
+    def _score_head(self, hl: torch.Tensor) -> torch.Tensor:
+        """logit(yes) - logit(no) of the last hidden states (B, H), in float32 whatever the model's
+        dtype: the final RMSNorm and the two lm_head rows. In BF16 the module's norm rounds to 8
+        mantissa bits before the rows are applied, which turns near-equal documents into exact ties
+        (ties break ``top_n`` cut-offs); FP32 here costs two rows, not the vocabulary."""
+        hn = F.rms_norm(hl.float(), self.norm_w.shape, self.norm_w, self.norm_eps)
+        logits = hn @ self.w_no_yes.t()
+        return logits[:, 1] - logits[:, 0]
+
+    # ---- attention, padded (B, S) layout: the SDPA fallback
+    def _padded_plan(
+        self, rows: _Rows, prefix: _PrefixKV | _PackedPrefix | None, device: torch.device
+    ) -> _PaddedPlan:
+        s = rows.s
+        p = 0 if prefix is None else prefix.width
+        mask: torch.Tensor | None = None
+        key_ok: torch.Tensor | None = None  # (B, 1, 1, P + S): real prefix keys of each row
+        if p:
+            q_idx = torch.arange(s, device=device)[:, None]
+            k_idx = torch.arange(p + s, device=device)[None, :]
+            mask = ((k_idx < p) | (k_idx - p <= q_idx))[None, None]
+            if isinstance(prefix, _PackedPrefix):
+                key_ok = ((k_idx >= p) | (k_idx < prefix.lengths[:, None]))[:, None, None]
+                mask = mask & key_ok
+        kmask = (torch.arange(p + s, device=device)[None, :] <= (p + rows.last_pos)[:, None])[:, None, None]
+        if key_ok is not None:
+            kmask = kmask & key_ok
+        return _PaddedPlan(rows, prefix, p, mask, kmask)
+
+    def _attend_padded(
+        self, plan: _PaddedPlan, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
+    ) -> torch.Tensor:
+        rows, prefix, b = plan.rows, plan.prefix, plan.rows.b
+        scale = self.head_dim**-0.5
+        kp = rows.pad(k).transpose(1, 2)  # (B, KV, S, D)
+        vp = rows.pad(v).transpose(1, 2)
+        if isinstance(prefix, _PackedPrefix):
+            pk, pv = prefix.layer(li)
+            kp, vp = torch.cat([pk, kp], dim=2), torch.cat([pv, vp], dim=2)
+        elif prefix is not None and plan.p:
+            pk = prefix.keys[li].transpose(0, 1)[None].expand(b, -1, -1, -1)
+            pv = prefix.values[li].transpose(0, 1)[None].expand(b, -1, -1, -1)
+            kp, vp = torch.cat([pk, kp], dim=2), torch.cat([pv, vp], dim=2)
+        kr, vr = self._repeat_kv(kp), self._repeat_kv(vp)
+        if last:  # q (B, heads, D): one query per row
+            o = F.scaled_dot_product_attention(q[:, :, None], kr, vr, attn_mask=plan.kmask, scale=scale)
+            return o[:, :, 0]
+        qp = rows.pad(q).transpose(1, 2)  # (B, heads, S, D)
+        if plan.mask is None:
+            o = F.scaled_dot_product_attention(qp, kr, vr, is_causal=True, scale=scale)
+        else:
+            o = self._prefixed_attention(qp, kr, vr, plan.mask, plan.p, scale)
+        return rows.unpad(o.transpose(1, 2))  # (N, heads, D)
 
     def _prefixed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: int, scale: float
@@ -666,10 +786,48 @@ class QwenRerankEngine:
             )
         return out
 
-    def _prefix_state(self, pq: QwenPreparedQuery) -> _PrefixKV:
+    # ---- attention on packed tokens (engine.attention): the varlen path
+    def _varlen_plan(self, rows: _Rows, prefix: _PrefixKV | _PackedPrefix | None) -> _VarlenPlan:
+        va = self._varlen
+        assert va is not None
+        cu = Segments.cumulative(rows.lengths)
+        doc = va.segments(cu, cu)
+        last = va.segments(range(rows.b + 1), cu)
+        if prefix is None:
+            return _VarlenPlan(doc, last, [], None, None)
+        if isinstance(prefix, _PrefixKV):
+            states, bounds = [prefix], [0, rows.b]
+        else:
+            rs = prefix.row_states
+            bounds = [0] + [i for i in range(1, rows.b) if rs[i] != rs[i - 1]] + [rows.b]
+            states = [prefix.states[rs[a]] for a in bounds[:-1]]
+            if len({rs[a] for a in bounds[:-1]}) != len(states):
+                raise InternalError("varlen batch rows of one request are not contiguous")
+        cu_k = Segments.cumulative([st.width for st in states])
+        pre = va.segments([cu[a] for a in bounds], cu_k)
+        pre_last = va.segments(bounds, cu_k)
+        return _VarlenPlan(doc, last, states, pre, pre_last)
+
+    def _attend_varlen(
+        self, plan: _VarlenPlan, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
+    ) -> torch.Tensor:
+        va = self._varlen
+        assert va is not None
+        scale = self.head_dim**-0.5
+        # Each row's own keys: causal for every token; the last token of a row sees its whole row.
+        o, lse = va(q, k, v, plan.last if last else plan.doc, causal=not last, scale=scale)
+        pre = plan.pre_last if last else plan.pre
+        if pre is None:
+            return o
+        pk, pv = plan.prefix_layer(li)
+        o2, lse2 = va(q, pk, pv, pre, causal=False, scale=scale)
+        return merge(o, lse, o2, lse2)
+
+    def _prefix_state(self, pq: QwenPreparedQuery, vis: dict[str, torch.Tensor] | None = None) -> _PrefixKV:
         state = pq.state
         if state is None:
-            vis = self._vision(pq.images)
+            if vis is None or any(it.key not in vis for it in pq.images):
+                vis = self._vision(pq.images)
             h, pos, meta = self._embed([(pq.shared_ids, pq.shared_pos, pq.images)], vis)
             out = self._forward(h, pos, meta, None, prefix_mode=True)
             assert isinstance(out, _PrefixKV)
@@ -705,10 +863,10 @@ class QwenRerankEngine:
             return self._score(pairs)
         except LycheeError:
             raise
-        except torch.cuda.OutOfMemoryError as exc:
-            oom = str(exc).split("\n", 1)[0]
         except Exception as exc:
-            raise InternalError(f"scoring failed: {type(exc).__name__}: {exc}") from exc
+            if not _is_oom(exc):
+                raise InternalError(f"scoring failed: {type(exc).__name__}: {exc}") from exc
+            oom = f"{type(exc).__name__}: {str(exc).split(chr(10), 1)[0]}"
         # Raised here, not chained inside the handler: the OOM's traceback holds the frames of the
         # failed forward (activations, packed prefixes), and the scheduler retries the split halves
         # while it still holds our error. Leaving the handler drops them, so the memory is free again.
@@ -737,18 +895,27 @@ class QwenRerankEngine:
             (True, batches) for qid, batches in planned.items() if qid not in pooled
         ]
         if pooled:
-            work.append((True, self._batches([i for qid in pooled for i in groups[qid]], pairs)))
+            pooled_batches = self._batches([i for qid in pooled for i in groups[qid]], pairs)
+            if self._varlen is not None:
+                # The varlen path reads each request's prefix once per batch: its rows contiguous.
+                rank = {qid: r for r, qid in enumerate(pooled)}
+                pooled_batches = [sorted(bt, key=lambda i: rank[id(pairs[i].query)]) for bt in pooled_batches]
+            work.append((True, pooled_batches))
         if fallback:
             work.append((False, self._batches(fallback, pairs)))
+        # The vision tower first, over every image of the call in full chunks (not a few images
+        # between LLM batches); prefixes need their query images, documents theirs.
+        vis = self._vision(
+            [*(it for qid in groups for it in queries[qid].images), *(it for pr in pairs for it in pr.images)]
+        )
         done: list[int] = []
         diffs: list[torch.Tensor] = []
         for reuse, batches in work:
             for batch in batches:
                 prefix: _PrefixKV | _PackedPrefix | None = None
                 if reuse:
-                    prefix = self._batch_prefix([pairs[i].query for i in batch])
+                    prefix = self._batch_prefix([pairs[i].query for i in batch], vis)
                 rows = [(pairs[i].ids, pairs[i].positions, pairs[i].images) for i in batch]
-                vis = self._vision([it for r in rows for it in r[2]])
                 h, pos, meta = self._embed(rows, vis)
                 diff = self._forward(h, pos, meta, prefix)
                 assert isinstance(diff, torch.Tensor)
@@ -757,27 +924,33 @@ class QwenRerankEngine:
         # One device-to-host copy at the end: a copy per batch would wait for that batch's kernels
         # before the next batch could even be queued.
         if diffs:
-            for i, d in zip(done, torch.cat(diffs).cpu().tolist(), strict=True):
-                result[i] = float(d)
+            for i, d in zip(done, self._readback(torch.cat(diffs)), strict=True):
+                result[i] = d
         return result
 
-    def _batch_prefix(self, row_queries: list[QwenPreparedQuery]) -> _PrefixKV | _PackedPrefix:
+    def _readback(self, diffs: torch.Tensor) -> list[float]:
+        """The one device-to-host copy of a ``score()`` call (the sync audit allows only this one)."""
+        return [float(d) for d in diffs.cpu().tolist()]
+
+    def _batch_prefix(
+        self, row_queries: list[QwenPreparedQuery], vis: dict[str, torch.Tensor] | None = None
+    ) -> _PrefixKV | _PackedPrefix:
         """The shared prefix of a one-request batch, or the packed prefixes of a mixed batch."""
         order: dict[int, int] = {}
         states: list[_PrefixKV] = []
         for pq in row_queries:
             if id(pq) not in order:
                 order[id(pq)] = len(states)
-                states.append(self._prefix_state(pq))
+                states.append(self._prefix_state(pq, vis))
         if len(states) == 1:
             return states[0]
         idx = [order[id(pq)] for pq in row_queries]
-        lengths = [states[i].keys[0].shape[2] for i in idx]
+        lengths = [states[i].width for i in idx]
         return _PackedPrefix(
             states,
-            torch.tensor(idx, dtype=torch.long, device=self.device),
-            torch.tensor(lengths, dtype=torch.long, device=self.device),
-            max(lengths),
+            tuple(idx),
+            self._to_device(torch.tensor(idx, dtype=torch.long)),
+            self._to_device(torch.tensor(lengths, dtype=torch.long)),
         )
 
     def warmup(self) -> None:
