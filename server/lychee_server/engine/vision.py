@@ -48,6 +48,58 @@ def _cached_plan(
     return build_plan(grids, merge, window, device)
 
 
+@dataclass(frozen=True, eq=False)
+class _GridLayout:
+    """The host-side layout of one image grid, unit indices counted from 0 (cached per grid, so a
+    chunk of images in a new combination only concatenates cached pieces)."""
+
+    units: int  # merge units of all frames
+    frame_units: int
+    frames: int
+    windows: tuple[tuple[int, np.ndarray], ...]  # (window length in units, (count, length) indices)
+    positions: np.ndarray  # (t*h*w, 2) (row, col) of each patch in processor order
+
+
+@functools.lru_cache(maxsize=512)
+def _grid_layout(grid: tuple[int, int, int], merge: int, window: int) -> _GridLayout:
+    t, h, w = grid
+    gh, gw = h // merge, w // merge
+    nwh, nww = -(-gh // window), -(-gw // window)
+    windows: dict[int, list[np.ndarray]] = {}
+    for frame in range(t):
+        idx = np.full((nwh * window, nww * window), -1, dtype=np.int64)
+        idx[:gh, :gw] = np.arange(gh * gw).reshape(gh, gw) + frame * gh * gw
+        # (window row, window col, row in window, col in window): windows row-major, units inside too
+        tiles = idx.reshape(nwh, window, nww, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
+        counts = (tiles >= 0).sum(axis=1)
+        for length in np.unique(counts[counts > 0]).tolist():
+            sel = tiles[counts == length]
+            windows.setdefault(length, []).append(sel[sel >= 0].reshape(-1, length))
+    # Rotary (row, col) of each patch in processor order: merge units row-major, 2x2 inside.
+    rows = np.arange(h).reshape(gh, merge, 1, 1) * np.ones((1, 1, gw, merge), dtype=np.int64)
+    cols = np.arange(w).reshape(1, 1, gw, merge) * np.ones((gh, merge, 1, 1), dtype=np.int64)
+    rc = np.stack([rows.transpose(0, 2, 1, 3).reshape(-1), cols.transpose(0, 2, 1, 3).reshape(-1)], 1)
+    layout = _GridLayout(
+        units=t * gh * gw,
+        frame_units=gh * gw,
+        frames=t,
+        windows=tuple((n, np.concatenate(parts)) for n, parts in sorted(windows.items())),
+        positions=np.tile(rc, (t, 1)),
+    )
+    for _, arr in layout.windows:
+        arr.setflags(write=False)
+    layout.positions.setflags(write=False)
+    return layout
+
+
+def _to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without a host sync: pinned and asynchronous on CUDA."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def build_plan(
     grids: Sequence[tuple[int, int, int]], merge: int, window: int, device: torch.device
 ) -> VisionPlan:
@@ -57,25 +109,15 @@ def build_plan(
     segments: list[np.ndarray] = []  # processor-order unit ranges of each attention frame
     pos_parts: list[np.ndarray] = []
     offset = 0
-    for t, h, w in grids:
-        gh, gw = h // merge, w // merge
-        nwh, nww = -(-gh // window), -(-gw // window)
-        for _ in range(t):
-            idx = np.full((nwh * window, nww * window), -1, dtype=np.int64)
-            idx[:gh, :gw] = np.arange(gh * gw).reshape(gh, gw) + offset
-            # (window row, window col, row in window, col in window): windows row-major, units inside too
-            tiles = idx.reshape(nwh, window, nww, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
-            counts = (tiles >= 0).sum(axis=1)
-            for length in np.unique(counts[counts > 0]).tolist():
-                sel = tiles[counts == length]
-                windows.setdefault(length, []).append(sel[sel >= 0].reshape(-1, length))
-            segments.append(np.arange(offset, offset + gh * gw))
-            offset += gh * gw
-        # Rotary (row, col) of each patch in processor order: merge units row-major, 2x2 inside.
-        rows = np.arange(h).reshape(gh, merge, 1, 1) * np.ones((1, 1, gw, merge), dtype=np.int64)
-        cols = np.arange(w).reshape(1, 1, gw, merge) * np.ones((gh, merge, 1, 1), dtype=np.int64)
-        rc = np.stack([rows.transpose(0, 2, 1, 3).reshape(-1), cols.transpose(0, 2, 1, 3).reshape(-1)], 1)
-        pos_parts.append(np.tile(rc, (t, 1)))
+    for grid in grids:
+        lay = _grid_layout((int(grid[0]), int(grid[1]), int(grid[2])), merge, window)
+        for length, arr in lay.windows:
+            windows.setdefault(length, []).append(arr + offset)
+        for frame in range(lay.frames):
+            start = offset + frame * lay.frame_units
+            segments.append(np.arange(start, start + lay.frame_units))
+        pos_parts.append(lay.positions)
+        offset += lay.units
     order_units: list[np.ndarray] = []
     window_groups: list[tuple[int, int, int]] = []
     start = 0
@@ -98,14 +140,14 @@ def build_plan(
             run = np.sort(unit_inverse[seg])
             by_len.setdefault(len(seg), []).append((run[:, None] * unit + sub).reshape(-1))
         for rows_ in by_len.values():
-            full_groups.append(torch.from_numpy(np.stack(rows_)).to(device))
+            full_groups.append(_to_device(np.stack(rows_), device))
     positions = np.concatenate(pos_parts)[patch_order]
     return VisionPlan(
-        patch_order=torch.from_numpy(patch_order).to(device),
-        unit_inverse=torch.from_numpy(unit_inverse).to(device),
+        patch_order=_to_device(patch_order, device),
+        unit_inverse=_to_device(unit_inverse, device),
         window_groups=tuple(window_groups),
         full_groups=tuple(full_groups),
-        positions=torch.from_numpy(positions).to(device),
+        positions=_to_device(positions, device),
     )
 
 
