@@ -190,7 +190,10 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 def _cmd_make_checkpoint(ns: argparse.Namespace) -> int:
     from lychee_server.engine.checkpoint import main_make_checkpoint
 
-    return main_make_checkpoint([ns.directory, "--seed", str(ns.seed)])
+    argv = [ns.directory, "--seed", str(ns.seed)]
+    if ns.tiktoken:
+        argv += ["--tiktoken", ns.tiktoken]
+    return main_make_checkpoint(argv)
 
 
 def _cmd_bench(ns: argparse.Namespace) -> int:
@@ -317,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.add_argument("directory", help="output directory")
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument(
+        "--tiktoken",
+        default=None,
+        help="Qwen's BPE ranks (the dashscope wheel or its qwen.tiktoken): the real Qwen2 vocabulary "
+        "instead of the small test tokenizer",
+    )
     mk.set_defaults(func=_cmd_make_checkpoint)
     return parser
 
