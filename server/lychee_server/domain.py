@@ -165,3 +165,5 @@ class EngineInfo:
     min_pixels: int
     max_pixels: int
     random_weights: bool = False
+    quantization: str = "none"  # "none" | "fp8"
+    attention: str = ""  # the decoder's attention path, e.g. "sdpa (padded batches)"

@@ -445,4 +445,6 @@ def server_info_to_pb(info: domain.EngineInfo, settings: Settings, version: str)
         limits=limits,
         server_version=version,
         random_weights=info.random_weights,
+        quantization=info.quantization,
+        attention=info.attention,
     )

@@ -131,6 +131,7 @@ class LoadedModel:
     revision: str
     random_weights: bool = False
     random_weights_evidence: str = ""  # why random_weights is set (see random_weights_evidence)
+    quantization: str = "none"  # "fp8": the LLM's linear layers replaced by engine.fp8.Fp8Linear
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -264,6 +265,14 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
     attn = _resolve_attn(settings.attn_implementation, device)
     if attn == "flash_attention_2" and dtype == torch.float32:
         attn = "sdpa"  # flash-attn has no fp32 kernels
+    if settings.quantization == "fp8":
+        from lychee_server.engine.fp8 import fp8_supported
+
+        ok, why = fp8_supported(device)
+        if not ok:
+            raise ModelLoadError(f"--quantization fp8: {why}; use --quantization none")
+        if settings.load_in_4bit:
+            raise ModelLoadError("--quantization fp8 and --load-in-4bit exclude each other; pick one")
     if settings.load_in_4bit and device.type != "cuda":
         raise ModelLoadError(
             "load_in_4bit needs CUDA (bitsandbytes 4-bit kernels are GPU-only); drop --load-in-4bit"
@@ -333,7 +342,12 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         raise ModelLoadError(f"{hint} ({type(exc).__name__}: {exc})") from exc
     model.eval()
     model.requires_grad_(False)
-    evidence = random_weights_evidence(settings, model, processor)
+    evidence = random_weights_evidence(settings, model, processor)  # before quantising lm rows' layers
+    if settings.quantization == "fp8":
+        from lychee_server.engine.fp8 import quantize_fp8
+
+        inner = model.model
+        quantize_fp8(inner.language_model if hasattr(inner, "language_model") else inner)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -344,4 +358,5 @@ def load_model(settings: Settings, shape: str | None = None) -> LoadedModel:
         revision=revision or "",
         random_weights=bool(evidence),
         random_weights_evidence=evidence,
+        quantization=settings.quantization,
     )

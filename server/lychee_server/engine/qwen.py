@@ -358,6 +358,8 @@ class QwenRerankEngine:
             min_pixels=settings.min_pixels,
             max_pixels=settings.max_pixels,
             random_weights=loaded.random_weights,
+            quantization=loaded.quantization,
+            attention=self.attention_backend,
         )
 
     def _choose_attention(self, spec: str) -> tuple[VarlenAttention | None, str]:

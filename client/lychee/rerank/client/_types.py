@@ -224,3 +224,5 @@ class ServerInfo:
     limits: Limits
     server_version: str
     random_weights: bool
+    quantization: str = "none"  # "none" | "fp8": the language model's weights quantised to FP8
+    attention: str = ""  # the server's decoder attention path (informational)

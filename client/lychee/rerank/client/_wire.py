@@ -303,4 +303,6 @@ def decode_server_info(response: pb.GetServerInfoResponse) -> ServerInfo:
         limits=limits,
         server_version=response.server_version,
         random_weights=response.random_weights,
+        quantization=response.quantization or "none",
+        attention=response.attention,
     )

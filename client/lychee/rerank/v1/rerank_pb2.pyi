@@ -986,6 +986,8 @@ class GetServerInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     RANDOM_WEIGHTS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model id (hub id or directory name)."""
     model_revision: _builtins.str
@@ -998,6 +1000,14 @@ class GetServerInfoResponse(_message.Message):
     """The server's version."""
     random_weights: _builtins.bool
     """True when the model has random weights (tests, benchmarks): scores carry no meaning."""
+    quantization: _builtins.str
+    """Weight quantization of the language model: "none", or "fp8" (e4m3, per-channel weight and
+    per-token activation scales; scores then differ slightly from the model's own dtype).
+    """
+    attention: _builtins.str
+    """The attention path of the decoder, e.g. "varlen (torch varlen flash kernel)" or
+    "sdpa (padded batches)". Informational: scores are equal within 1e-5 in FP32 on every path.
+    """
     @_builtins.property
     def query_modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]:
         """Modalities accepted for the query."""
@@ -1022,10 +1032,12 @@ class GetServerInfoResponse(_message.Message):
         limits: Global___Limits | None = ...,
         server_version: _builtins.str = ...,
         random_weights: _builtins.bool = ...,
+        quantization: _builtins.str = ...,
+        attention: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "document_modalities", b"document_modalities", "dtype", b"dtype", "limits", b"limits", "model_id", b"model_id", "model_revision", b"model_revision", "query_modalities", b"query_modalities", "random_weights", b"random_weights", "server_version", b"server_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "device", b"device", "document_modalities", b"document_modalities", "dtype", b"dtype", "limits", b"limits", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "query_modalities", b"query_modalities", "random_weights", b"random_weights", "server_version", b"server_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

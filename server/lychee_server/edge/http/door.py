@@ -500,6 +500,8 @@ class HttpDoor:
                 },
                 "server_version": self.version,
                 "random_weights": info.random_weights,
+                "quantization": info.quantization,
+                "attention": info.attention,
                 "image_url_fetch": self.settings.image_url_fetch,
             }
         )
