@@ -2,7 +2,7 @@
 # Mutation testing (cosmic-ray) of the modules issue 16 names, each against its own fast tests:
 #   recipe         engine/recipe.py (whole module)          tests/engine/test_recipe_unit.py + Prompt test
 #   score-head     engine/interface.py probability()         tests/engine/test_probability.py
-#   score-rows     engine/qwen.py: yes/no ids, the 2 lm_head rows, final norm, yes - no
+#   score-rows     engine/qwen.py: yes/no ids, the 2 lm_head rows, final norm (FP32 head), yes - no
 #                                                            golden subset + score-row test (slow: model)
 #   ordering       scheduler/core.py _sort_key + _finish     tests/scheduler
 #   status         edge/status.py (whole module)             tests/edge/test_edge_status.py, http status table
@@ -82,8 +82,8 @@ run_target() {
       lines="$(ranges "$module" probability)" ;;
     score-rows)
       module=server/lychee_server/engine/qwen.py
-      tests="tests/engine/test_reference_independence.py::test_engine_score_rows_are_the_tokenizers_no_and_yes tests/engine/test_golden.py::test_one_pair_at_a_time_and_any_order"
-      lines="$(lines_with "$module" 'self.yes_id = |self.no_id = |self.w_no_yes: torch.Tensor = |hn: torch.Tensor = _rms_norm(self.lm.norm|logits = hn @ |return (logits[:, 1] - logits[:, 0])')"
+      tests="tests/engine/test_reference_independence.py::test_engine_score_rows_are_the_tokenizers_no_and_yes tests/engine/test_score_head.py::test_score_head_is_float32_in_a_bf16_model tests/engine/test_golden.py::test_one_pair_at_a_time_and_any_order"
+      lines="$(lines_with "$module" 'self.yes_id = |self.no_id = |self.w_no_yes: torch.Tensor = |self.norm_w: torch.Tensor = |self.norm_eps = |hn = F.rms_norm(hl.float()|logits = hn @ |return logits[:, 1] - logits[:, 0]')"
       timeout=240 ;;
     ordering)
       module=server/lychee_server/scheduler/core.py
