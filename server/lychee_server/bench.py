@@ -29,7 +29,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_bench_arguments", "add_model_arguments", "naive_logit_diff", "open_engine", "run_bench"]
+__all__ = [
+    "PEAK_BF16_FLOPS",
+    "UNKNOWN_GPU_PEAK_FLOPS",
+    "add_bench_arguments",
+    "add_model_arguments",
+    "detect_peak_flops",
+    "naive_logit_diff",
+    "open_engine",
+    "resolve_peak_flops",
+    "run_bench",
+]
 
 WORKLOADS = ("a", "b", "c", "d")
 _DESCRIPTIONS = {
@@ -66,7 +76,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-token-budget", type=int, default=16384)
     parser.add_argument("--max-batch-pairs", type=int, default=64)
-    parser.add_argument("--peak-flops", type=float, default=800e12, help="Device peak FLOP/s for MFU (bf16).")
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        default=None,
+        help="Device peak FLOP/s for MFU (dense bf16; default: detected from the GPU's name, see "
+        "PEAK_BF16_FLOPS; an unknown GPU uses UNKNOWN_GPU_PEAK_FLOPS and says so; no MFU on CPU).",
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="Write the JSON report here (default: stdout)."
     )
@@ -75,6 +91,52 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave default).")
+
+
+# Dense (no sparsity) BF16 tensor-core peaks from the vendors' datasheets, by a fragment of
+# ``torch.cuda.get_device_name``: the first fragment found (case-insensitive) wins, so the more
+# specific names come first ("GH200" before "H200", "H100 PCIe" before "H100").
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312e12),
+)
+# What MFU is computed against on a GPU the table does not know (the H100/H200 SXM figure).
+UNKNOWN_GPU_PEAK_FLOPS = 989e12
+
+
+def detect_peak_flops(device_name: str) -> tuple[float | None, str]:
+    """(peak dense-BF16 FLOP/s, the table entry that matched) for a CUDA device name; (None, "")
+    when the name is not in :data:`PEAK_BF16_FLOPS`."""
+    low = device_name.lower()
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment.lower() in low:
+            return flops, fragment
+    return None, ""
+
+
+def resolve_peak_flops(explicit: float | None, device: Any) -> tuple[float | None, str]:
+    """The peak FLOP/s MFU is reported against and where it came from: ``--peak-flops`` when given,
+    else detected from the GPU's name, else :data:`UNKNOWN_GPU_PEAK_FLOPS` (said so); None on a CPU
+    (no MFU)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None, "not reported on CPU"
+    if explicit is not None:
+        return float(explicit), "--peak-flops"
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    flops, fragment = detect_peak_flops(name)
+    if flops is not None:
+        return flops, f"detected: {name!r} = {fragment} (dense bf16 datasheet)"
+    return UNKNOWN_GPU_PEAK_FLOPS, (
+        f"assumed: {name!r} is not in the table, MFU uses the stated default "
+        f"{UNKNOWN_GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (pass --peak-flops)"
+    )
 
 
 @dataclass
@@ -243,6 +305,9 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine, tmp = open_engine(args, args.batch_token_budget, args.max_batch_pairs)
     dev = engine.device
+    peak_flops, peak_source = resolve_peak_flops(args.peak_flops, dev)
+    if peak_flops is not None:
+        print(f"[bench] MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_source})", file=sys.stderr)
     # Decoder layers only: the embedding table is a lookup and the engine uses 2 rows of lm_head.
     llm_params = _count_params(engine.lm.layers)
     vit_params = _count_params(engine.visual)
@@ -313,12 +378,11 @@ def run_bench(args: argparse.Namespace) -> int:
             kind = "process peak RSS"
         naive_per_pair = naive_s / n_naive
         p50 = statistics.median(lat)
-        if dev.type == "cuda":
+        mfu: float | None = None
+        if dev.type == "cuda" and peak_flops:
             # Dense-matmul estimate (2 FLOPs per parameter per token / patch; attention not counted).
             flops = 2 * llm_params * toks + 2 * vit_params * patches
-            mfu: float | None = flops / p50 / args.peak_flops
-        else:
-            mfu = None
+            mfu = flops / p50 / peak_flops
         rows.append(
             Row(
                 w,
@@ -353,6 +417,8 @@ def run_bench(args: argparse.Namespace) -> int:
         "dtype": engine.info.dtype,
         "torch": torch.__version__,
         "repeats": args.repeats,
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_source,
         "naive_note": "naive loop timed on --naive-limit pairs, interleaved with the engine runs, "
         "and extrapolated per pair",
         "rows": [asdict(r) for r in rows],
@@ -378,6 +444,11 @@ def _append_markdown(path: Path, report: dict[str, Any], rows: list[Row]) -> Non
         f"Command: `{report['command'].strip()}` (torch {report['torch']}, {report['repeats']} repeats; "
         f"{report['naive_note']})",
         "",
+        *(
+            [f"MFU against {report['peak_flops'] / 1e12:.0f} TFLOP/s ({report['peak_flops_source']}).", ""]
+            if report.get("peak_flops")
+            else []
+        ),
         "| workload | pairs | pairs/s | p50 latency (s) | p95 latency (s) | peak memory (MiB) | MFU "
         "| naive s/pair (pairs timed) | speedup vs naive |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
