@@ -51,14 +51,19 @@ DOCUMENTS: dict[str, Content] = {
 }
 
 
-@pytest.fixture(scope="module", params=["sdpa", "varlen"])
+@pytest.fixture(scope="module", params=["sdpa", "varlen", "sdpa+fused"])
 def tiny_engine(request: pytest.FixtureRequest, tiny_settings: Any) -> Any:
-    """Every golden test runs on each attention path: the padded SDPA fallback and the varlen path
-    (packed tokens, prefix merged by log-sum-exp; on the CPU its exact reference implementation)."""
+    """Every golden test runs on each engine path: the padded SDPA fallback, the varlen path (packed
+    tokens, prefix merged by log-sum-exp; on the CPU its exact reference implementation), and the
+    fused elementwise kernels (torch.compile'd RMSNorm, rotary, SiLU*mul; inductor's CPU backend)."""
+    backend, _, fused = request.param.partition("+")
     engine = QwenRerankEngine.from_settings(
-        tiny_settings.model_copy(update={"attention_backend": request.param})
+        tiny_settings.model_copy(
+            update={"attention_backend": backend, "fused_kernels": "on" if fused else "off"}
+        )
     )
-    assert engine.attention_backend.startswith(request.param)
+    assert engine.attention_backend.startswith(backend)
+    assert engine.fused.active == bool(fused), engine.fused.reason
     yield engine
     engine.close()
 

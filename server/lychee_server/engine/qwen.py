@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from lychee_server.domain import Content, EngineInfo, ImageInput, Modality
 from lychee_server.engine.attention import Segments, VarlenAttention, merge
 from lychee_server.engine.decode_pool import DecodePool
+from lychee_server.engine.fused import FusedOps
 from lychee_server.engine.images import ImageLimits
 from lychee_server.engine.loading import LoadedModel, load_model
 from lychee_server.engine.preprocess import FastImagePreprocessor, hf_patches
@@ -76,19 +77,6 @@ class ImageItem:
     grid: tuple[int, int, int]
     pixel_values: torch.Tensor | None
     source: ImageInput
-
-
-def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """The decoder's RMSNorm as one fused kernel where it computes the same thing.
-
-    transformers' RMSNorm runs five elementwise passes (upcast, square-mean, rsqrt, scale,
-    weight); ``F.rms_norm`` is one. In float32 the two are the same arithmetic (equal in
-    ``tests/engine``); in other dtypes the module's own rounding order is kept.
-    """
-    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    out: torch.Tensor = norm(x)
-    return out
 
 
 @dataclass(eq=False)
@@ -298,7 +286,10 @@ class QwenRerankEngine:
         inner = self.model.model
         self.lm: Any = inner.language_model if hasattr(inner, "language_model") else inner
         self.visual: Any = inner.visual if hasattr(inner, "visual") else self.model.visual
-        self.tower = VisionTower(self.visual)
+        # Fused elementwise kernels (engine.fused): one compiled kernel per RMSNorm, rotary and
+        # SiLU*mul where torch.compile runs (settings.fused_kernels), the eager recipes otherwise.
+        self.fused = FusedOps(settings.fused_kernels, self.device)
+        self.tower = VisionTower(self.visual, self.fused)
         fast = FastImagePreprocessor(self.processor.image_processor)
         # Bit-exact or not used: the HF processor stays the fallback (e.g. another transformers version).
         self._fast_pre: FastImagePreprocessor | None = (
@@ -607,12 +598,6 @@ class QwenRerankEngine:
         emb = torch.cat([f, f], dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rot * sin
-
     def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         rep = self.n_heads // self.n_kv
         return x if rep == 1 else x.repeat_interleave(rep, dim=1)
@@ -682,8 +667,8 @@ class QwenRerankEngine:
         n_layers = len(layers)
         for li, layer in enumerate(layers):
             attn = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, h)
-            k = self._rotate(attn.k_proj(x).view(n, self.n_kv, self.head_dim), cos3, sin3)
+            x = self.fused.norm(layer.input_layernorm, h)
+            k = self.fused.rotary(attn.k_proj(x).view(n, self.n_kv, self.head_dim), cos3, sin3)
             v = attn.v_proj(x).view(n, self.n_kv, self.head_dim)
             if prefix_mode:
                 keys.append(k)
@@ -696,19 +681,19 @@ class QwenRerankEngine:
                 lp = rows.last_packed
                 hl = h[lp]
                 q = attn.q_proj(x[lp]).view(b, self.n_heads, self.head_dim)
-                q = self._rotate(q, cos3[lp], sin3[lp])
+                q = self.fused.rotary(q, cos3[lp], sin3[lp])
             else:
-                q = self._rotate(attn.q_proj(x).view(n, self.n_heads, self.head_dim), cos3, sin3)
+                q = self.fused.rotary(attn.q_proj(x).view(n, self.n_heads, self.head_dim), cos3, sin3)
             if isinstance(plan, _VarlenPlan):
                 o = self._attend_varlen(plan, li, q, k, v, last)
             else:
                 o = self._attend_padded(plan, li, q, k, v, last)
             if last:
                 hl = hl + attn.o_proj(o.reshape(b, -1))
-                hl = hl + layer.mlp(_rms_norm(layer.post_attention_layernorm, hl))
+                hl = hl + self.fused.mlp(layer.mlp, self.fused.norm(layer.post_attention_layernorm, hl))
                 return self._score_head(hl)
             h = h + attn.o_proj(o.reshape(n, -1))
-            h = h + layer.mlp(_rms_norm(layer.post_attention_layernorm, h))
+            h = h + self.fused.mlp(layer.mlp, self.fused.norm(layer.post_attention_layernorm, h))
         return _PrefixKV(keys, values)
 
     def _score_head(self, hl: torch.Tensor) -> torch.Tensor:
@@ -965,6 +950,11 @@ class QwenRerankEngine:
         from lychee_server.domain import DEFAULT_INSTRUCTION, MediaType
 
         self._decoder.prestart()  # the decoder processes boot while the warm-up forward runs
+        tcfg = getattr(self.model.config, "text_config", self.model.config)
+        vcfg = self.model.config.vision_config
+        sizes = {int(tcfg.hidden_size), int(tcfg.intermediate_size), int(vcfg.hidden_size)}
+        sizes.add(int(vcfg.intermediate_size))
+        self.fused.warmup([self.dtype], sorted(sizes), head_dim=self.head_dim)
         pq = self.prepare_query(DEFAULT_INSTRUCTION, Content(text="warm-up query"), 512)
         try:
             docs = [

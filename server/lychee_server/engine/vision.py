@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lychee_server.engine.fused import FusedOps
+
 __all__ = ["VisionPlan", "VisionTower"]
 
 
@@ -151,17 +153,13 @@ def build_plan(
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 class VisionTower:
     """Runs ``visual`` (a ``Qwen2_5_VisionTransformerPretrainedModel``) on still images."""
 
-    def __init__(self, visual: Any) -> None:
+    def __init__(self, visual: Any, fused: FusedOps | None = None) -> None:
         cfg = visual.config
         self.visual = visual
+        self.fused = fused if fused is not None else FusedOps("off")
         self.merge = int(cfg.spatial_merge_size)
         self.window = int(cfg.window_size) // self.merge // int(cfg.patch_size)
         self.full_blocks = frozenset(int(i) for i in cfg.fullatt_block_indexes)
@@ -186,10 +184,9 @@ class VisionTower:
         n = x.shape[0]
         qkv = attn.qkv(x).view(n, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(1)
-        # Rotary in float32 like transformers, then back to the compute dtype.
-        qf, kf = q.float(), k.float()
-        q = (qf * cos + _rotate_half(qf) * sin).to(x.dtype)
-        k = (kf * cos + _rotate_half(kf) * sin).to(x.dtype)
+        # Rotary in float32 like transformers, then back to the compute dtype (one fused kernel
+        # for q and k where engine.fused compiles).
+        q, k = self.fused.rotary_qk_f32(q, k, cos, sin)
         out = torch.empty_like(q)
         scale = self.head_dim**-0.5
         if full:
@@ -229,7 +226,8 @@ class VisionTower:
         h = torch.cat(embedded).index_select(0, plan.patch_order)
         cos, sin = self._rotary(plan.positions)
         for i, blk in enumerate(self.visual.blocks):
-            h = h + self._attention(blk.norm1(h), blk.attn, cos, sin, plan, i in self.full_blocks)
-            h = h + blk.mlp(blk.norm2(h))
+            fz = self.fused
+            h = h + self._attention(fz.norm(blk.norm1, h), blk.attn, cos, sin, plan, i in self.full_blocks)
+            h = h + fz.mlp(blk.mlp, fz.norm(blk.norm2, h))
         merged: torch.Tensor = self.visual.merger(h)
         return merged[plan.unit_inverse]
