@@ -91,7 +91,7 @@ run_target() {
       lines="$(ranges "$module" _sort_key,Scheduler._finish)" ;;
     status)
       module=server/lychee_server/edge/status.py
-      tests="tests/edge/test_edge_status.py tests/http_door/test_status_table.py" ;;
+      tests="tests/edge/test_edge_status.py tests/edge/test_status_limits.py tests/http_door/test_status_table.py" ;;
     validation)
       module=server/lychee_server/edge/validation.py
       tests="tests/edge/test_edge_rules.py tests/edge/test_edge_codec.py tests/edge/test_contract_doc.py" ;;
