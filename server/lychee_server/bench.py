@@ -194,21 +194,12 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def naive_logit_diff(engine: Any, instruction: str, query: Any, doc: Any) -> float:
-    """The reference loop body: decode, template, processor, full forward, full-vocab logits, softmax."""
-    import torch
-
-    from lychee_server.engine.images import decode_image
-    from lychee_server.engine.recipe import build_messages
-
-    images = [decode_image(c.image, engine.limits) for c in (query, doc) if c.image is not None]
-    msgs = build_messages(instruction, query.text, query.image is not None, doc.text, doc.image is not None)
-    text = engine.processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    inputs = engine.processor(text=[text], images=images or None, return_tensors="pt").to(engine.device)
-    with torch.inference_mode():
-        logits = engine.model(**inputs).logits[0, -1].float()
-    p = torch.softmax(torch.stack([logits[engine.no_id], logits[engine.yes_id]]), 0)
-    return float(torch.log(p[1]) - torch.log(p[0]))
+def naive_logit_diff(naive: Any, instruction: str, query: Any, doc: Any) -> float:
+    """The reference loop body, ``check.NaiveRecipe``: its own recipe text and message layout, the
+    processor with the recipe's pixel bounds, whole-string tokenization, a full forward, the full
+    vocabulary's last logits, softmax over its own (no, yes) ids. Nothing comes from the engine but
+    the weights, so the speedup is measured against code that cannot share the engine's mistakes."""
+    return float(naive.logit_diff(instruction, query, doc))
 
 
 def open_engine(
@@ -304,6 +295,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine, tmp = open_engine(args, args.batch_token_budget, args.max_batch_pairs)
+    from lychee_server.check import NaiveRecipe
+
+    naive = NaiveRecipe(engine.settings.model, engine.settings.revision, engine.model, engine.device)
     dev = engine.device
     peak_flops, peak_source = resolve_peak_flops(args.peak_flops, dev)
     if peak_flops is not None:
@@ -361,12 +355,12 @@ def run_bench(args: argparse.Namespace) -> int:
                 _sync(dev)
                 mem = max(mem, torch.cuda.max_memory_allocated(dev) / 2**20)
             if warm_naive:
-                naive_logit_diff(engine, DEFAULT_INSTRUCTION, query, docs[-1])
+                naive_logit_diff(naive, DEFAULT_INSTRUCTION, query, docs[-1])
                 _sync(dev)
                 warm_naive = False
             t0 = time.perf_counter()
             for d in slices[r]:
-                naive_logit_diff(engine, DEFAULT_INSTRUCTION, query, d)
+                naive_logit_diff(naive, DEFAULT_INSTRUCTION, query, d)
             _sync(dev)
             naive_s += time.perf_counter() - t0
             if dev.type == "cuda":
