@@ -94,7 +94,7 @@ run_target() {
       tests="tests/edge/test_edge_status.py tests/edge/test_status_limits.py tests/http_door/test_status_table.py" ;;
     validation)
       module=server/lychee_server/edge/validation.py
-      tests="tests/edge/test_edge_rules.py tests/edge/test_edge_codec.py tests/edge/test_contract_doc.py" ;;
+      tests="tests/edge/test_edge_rules.py tests/edge/test_validation_edges.py tests/edge/test_edge_codec.py tests/edge/test_contract_doc.py" ;;
     *) echo "unknown target $name (known: ${ALL[*]})" >&2; return 2 ;;
   esac
   local cfg="$OUT/$name.toml" session="$OUT/$name.sqlite"
