@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
     max_inflight_pairs: int = Field(4096, ge=1, description="Admitted pairs before RESOURCE_EXHAUSTED.")
     retry_after_s: float = Field(0.5, ge=0, description="RetryInfo delay sent with RESOURCE_EXHAUSTED.")
+    max_prefix_kv_mib: int = Field(
+        16384,
+        ge=1,
+        description="Device memory the shared-prefix K/V of admitted requests may hold together (7B: "
+        "~57 KiB per prefix token); past it new calls get RESOURCE_EXHAUSTED + RetryInfo.",
+    )
 
     # --- transport / security ------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind (use 0.0.0.0 in containers).")

@@ -46,3 +46,18 @@ def test_small_requests_share_one_packed_batch(
         assert abs(g - want) <= TOL, (q.text, doc.text, g, want)
     for pq in pqs:
         tiny_engine.release(pq)
+
+
+def test_live_prefix_bytes_follow_prepare_score_and_release(tiny_engine: QwenRerankEngine) -> None:
+    """What admission reads (issue 12): the device bytes of prefix K/V not yet released."""
+    before = tiny_engine.live_prefix_bytes
+    pqs = [tiny_engine.prepare_query(DEFAULT_INSTRUCTION, Content(text=t), 3200) for t in ("a", "bb bb")]
+    assert tiny_engine.live_prefix_bytes == before  # preparing runs nothing on the device
+    tiny_engine.score([tiny_engine.prepare_pair(pq, Content(text="doc")) for pq in pqs])
+    held = [pq.state for pq in pqs]
+    assert all(st is not None for st in held)
+    want = sum(t.numel() * t.element_size() for st in held for t in (*st.keys, *st.values))  # type: ignore[union-attr]
+    assert tiny_engine.live_prefix_bytes - before == want > 0
+    for pq in pqs:
+        tiny_engine.release(pq)
+    assert tiny_engine.live_prefix_bytes == before

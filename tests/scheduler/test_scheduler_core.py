@@ -439,3 +439,20 @@ async def test_a_failure_while_answering_still_retires_the_batch(monkeypatch: py
         # Whatever each caller got, nothing may stay admitted (capacity) or unreleased.
         assert await sched.wait_idle(WAIT), f"{sched.inflight_pairs} pairs never retired"
     assert len(engine.released) == 3
+
+
+async def test_prefix_memory_of_admitted_requests_bounds_admission() -> None:
+    """Live shared-prefix K/V (issue 12): past ``max_prefix_kv_mib`` new calls get OVERLOADED +
+    RetryInfo while others are in flight, and are admitted again once the engine has released it."""
+    engine = FakeEngine()
+    async with running(engine, max_prefix_kv_mib=1, retry_after_s=0.25) as sched:
+        held = await hold_device(engine, sched)
+        engine.live_prefix_bytes = 2 * 2**20  # type: ignore[attr-defined]
+        with pytest.raises(errors.ResourceExhausted) as info:
+            await asyncio.wait_for(sched.rerank(make_job("1")), 1.0)
+        assert info.value.reason == "OVERLOADED" and info.value.retry_after == 0.25
+        assert "shared prefixes" in info.value.message and "limit 1 MiB" in info.value.message
+        engine.live_prefix_bytes = 2**20  # type: ignore[attr-defined]  # at the limit: admitted
+        admitted = asyncio.create_task(sched.rerank(make_job("2")))
+        engine.gate.open()
+        await asyncio.wait_for(asyncio.gather(held, admitted), WAIT)

@@ -321,6 +321,8 @@ class QwenRerankEngine:
         self.norm_w: torch.Tensor = self.lm.norm.weight.detach().float().clone()
         self.norm_eps = float(getattr(self.lm.norm, "variance_epsilon", getattr(self.lm.norm, "eps", 1e-6)))
         self._varlen, self.attention_backend = self._choose_attention(settings.attention_backend)
+        self._prefix_lock = threading.Lock()
+        self._live_prefix_bytes = 0  # prefix K/V of prepared queries not yet released
         # Query chunk of the prefixed attention: small on CPU (no launch cost), large on GPU.
         self._attn_chunk = 64 if self.device.type == "cpu" else 512
         self.limits = ImageLimits(
@@ -541,7 +543,15 @@ class QwenRerankEngine:
             return tpl
 
     def release(self, query: QwenPreparedQuery) -> None:
-        query.state = None
+        state, query.state = query.state, None
+        if state is not None:
+            with self._prefix_lock:
+                self._live_prefix_bytes -= state.nbytes
+
+    @property
+    def live_prefix_bytes(self) -> int:
+        """Device bytes held by the prefix K/V of prepared queries not yet released (admission)."""
+        return self._live_prefix_bytes
 
     # ------------------------------------------------------------------ device side
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -820,6 +830,8 @@ class QwenRerankEngine:
             assert isinstance(out, _PrefixKV)
             state = out
             pq.state = state
+            with self._prefix_lock:
+                self._live_prefix_bytes += state.nbytes
         return state
 
     def _batches(self, idx: list[int], pairs: Sequence[QwenPreparedPair]) -> list[list[int]]:

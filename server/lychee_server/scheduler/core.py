@@ -159,6 +159,7 @@ class Scheduler:
         self._budget = settings.batch_token_budget
         self._max_wait = settings.max_batch_wait_ms / 1000.0
         self._capacity = settings.max_inflight_pairs
+        self._prefix_budget = settings.max_prefix_kv_mib * 2**20
         self._window = max(2, 2 * settings.decode_threads)
         self._state = _State.NEW
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -273,6 +274,15 @@ class Scheduler:
             raise errors.ResourceExhausted(
                 f"server at capacity: {self._inflight_pairs} pairs in flight, {n} more requested, "
                 f"limit {self._capacity}",
+                reason="OVERLOADED",
+                retry_after=self._settings.retry_after_s,
+            )
+        live = int(getattr(self._engine, "live_prefix_bytes", 0))
+        if self._inflight_pairs > 0 and live > self._prefix_budget:
+            self.metrics.rejected.labels("OVERLOADED").inc()
+            raise errors.ResourceExhausted(
+                f"server at capacity: the shared prefixes of admitted requests hold {live >> 20} MiB "
+                f"of device memory, limit {self._prefix_budget >> 20} MiB",
                 reason="OVERLOADED",
                 retry_after=self._settings.retry_after_s,
             )
