@@ -3,8 +3,9 @@ the source line that issued it), allows the final readback only in its narrow wa
 in the engine's ``score()``: on the CPU tiny engine (text, image, mixed; one request and several
 packed ones) and on the fake-CUDA dry run, where host<->device copies are visible.
 
-The "none in score()" tests state what the engine must reach (issue 12) and are marked xfail while
-the engine fix is pending; the lead removes the marker (strict=False: they may already pass)."""
+Before the engine fix (commit c7dc5e4) the "none in score()" tests failed on a boolean index_put in
+``_embed``, blocking ``torch.tensor(..., device=)`` copies in ``_batch_prefix`` and the ViT plan,
+and a device-to-host copy outside ``_readback``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from lychee_server.engine.audit import SyncAudit, Violation
 from lychee_server.engine.dryrun import DryRun, fake_cuda
 
 HERE = Path(__file__).resolve().parent
-pending = pytest.mark.xfail(strict=False, reason="engine fix pending")
 
 
 def _kinds(audit: SyncAudit) -> list[str]:
@@ -163,14 +163,12 @@ def cpu_engine(tiny_engine: Any) -> Iterator[Any]:
     tiny_engine.vision_cache.clear()
 
 
-@pending
 @pytest.mark.parametrize("kind", ["text", "image", "mixed"])
 def test_cpu_score_of_one_request_has_no_sync(cpu_engine: Any, kind: str) -> None:
     audit, _ = _score_audited(cpu_engine, [(Content(text="rivers"), _docs(kind))])
     assert audit.violations == [], audit.summary()
 
 
-@pending
 def test_cpu_score_of_packed_requests_has_no_sync(cpu_engine: Any) -> None:
     requests = [
         (Content(text="rivers"), _docs("text")[:2]),
@@ -212,7 +210,6 @@ def dry3b(tiny_checkpoint: Path) -> Iterator[DryRun]:
     dry.close()
 
 
-@pending
 @pytest.mark.parametrize("workload", ["packed", "c"])
 def test_fake_cuda_score_has_no_sync_but_the_final_readback(dry3b: DryRun, workload: str) -> None:
     audit = SyncAudit("cuda")

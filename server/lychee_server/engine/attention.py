@@ -90,11 +90,19 @@ def attend_reference(
 
 
 def merge(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
-    """Softmax over the union of two key sets from the two partial results (float32 inside)."""
+    """Softmax over the union of two key sets from the two partial results.
+
+    The weights come from the log-sum-exps in float32; in float32 the combination is exact up to
+    rounding. In a 16-bit dtype the two outputs are combined in that dtype with the float32-derived
+    weights (rounded once): the outputs are 16-bit already, and no (T, H, D) float32 copy of them is
+    made per layer."""
     m = torch.maximum(l1, l2)
-    a = torch.exp(l1 - m)[..., None]
-    b = torch.exp(l2 - m)[..., None]
-    return ((o1.float() * a + o2.float() * b) / (a + b)).to(o1.dtype)
+    a = torch.exp(l1 - m)
+    b = torch.exp(l2 - m)
+    w1 = (a / (a + b))[..., None]
+    if o1.dtype == torch.float32:
+        return o1 * w1 + o2 * (1.0 - w1)
+    return o1 * w1.to(o1.dtype) + o2 * (1.0 - w1).to(o2.dtype)
 
 
 class VarlenAttention:

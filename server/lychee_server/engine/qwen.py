@@ -438,6 +438,10 @@ class QwenRerankEngine:
             patches, grid = self._fast_pre(pil)
         else:
             patches, grid = hf_patches(self.processor.image_processor, pil)
+        if patches.dtype != self.dtype and self.dtype in (torch.bfloat16, torch.float16):
+            # Cast here (the ViT's first op casts to its dtype anyway: the same rounding, done on a
+            # worker): half the bytes to pin, copy and keep.
+            patches = patches.to(self.dtype)
         if self.device.type == "cuda":
             # Pinned here, on the preparing thread, so the device thread's copy is a plain async DMA.
             patches = patches.pin_memory()
