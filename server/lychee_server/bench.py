@@ -87,7 +87,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", type=Path, default=None, help="Write the JSON report here (default: stdout)."
     )
     parser.add_argument(
-        "--markdown", type=Path, default=Path("docs/benchmarks.md"), help="Append a table here."
+        "--markdown",
+        type=Path,
+        default=None,
+        help="Also append a table to this file (docs/benchmarks.md is rendered from docs/data by "
+        "scripts/benchmarks.sh, never appended to).",
     )
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave default).")
@@ -153,6 +157,8 @@ class Row:
     naive_pairs_timed: int
     naive_s_per_pair: float
     speedup: float
+    llm_tokens: int = 0  # decoder tokens run by one request (prefix + documents)
+    vit_patches: int = 0  # vision-tower patches run by one request (images not in the cache)
 
 
 def _jpeg(seed: int, w: int = 1920, h: int = 1080) -> bytes:
@@ -391,6 +397,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 n_naive,
                 naive_per_pair,
                 naive_per_pair / (p50 / len(docs)),
+                toks,
+                patches,
             )
         )
         print(
@@ -422,7 +430,7 @@ def run_bench(args: argparse.Namespace) -> int:
         args.json.write_text(text + "\n")
     else:
         print(text)
-    if not args.no_markdown:
+    if args.markdown is not None and not args.no_markdown:
         _append_markdown(args.markdown, report, rows)
     if tmp is not None:
         tmp.cleanup()
