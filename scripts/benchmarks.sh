@@ -89,9 +89,15 @@ step_gpu() {
   [ -n "${GPU_MACHINE:-}" ] && machine=(--machine "$GPU_MACHINE")
   local commit=()
   [ -n "${GPU_COMMIT:-}" ] && commit=(--commit "$GPU_COMMIT")
-  # The machine: gpu_check.sh records the GPU's name (the bench's "machine") but not the host CPU;
-  # GPU_MACHINE="<cpu model>, <n> cores, <gpu>" says more.
-  [ ${#machine[@]} -eq 0 ] && machine=(--machine "unknown CPU, unknown cores, $($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["machine"])' "$dir/bench.json")")
+  # The machine: the GPU's name from the bench report, the host CPU and cores from gpu_check's
+  # preflight.json (GPU_MACHINE="<cpu model>, <n> cores, <gpu>" overrides).
+  [ ${#machine[@]} -eq 0 ] && machine=(--machine "$($PY - "$dir/bench.json" "$dir/preflight.json" <<'PY'
+import json, os, sys
+gpu = json.load(open(sys.argv[1]))["machine"]
+pre = json.load(open(sys.argv[2])) if os.path.isfile(sys.argv[2]) else {}
+print(f"{pre.get('cpu') or 'unknown CPU'}, {pre.get('cpu_cores') or 'unknown'} cores, {gpu}")
+PY
+)")
   echo "== gpu: import $dir/bench.json"
   $RENDER stamp "$dir/bench.json" --out "$DATA/gpu/bench.json" --provenance "$TMP/prov.json" "${machine[@]}" "${commit[@]}"
 }

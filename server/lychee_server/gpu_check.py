@@ -330,11 +330,24 @@ def _probe_fp8(torch: Any, device: Any) -> dict[str, Any]:
     return info
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name (for the provenance of GPU figures in docs/data)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _preflight(ns: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
         "device_requested": ns.device,
         "modules": {},
         "problems": [],
