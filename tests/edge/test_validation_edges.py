@@ -20,7 +20,7 @@ def _check(slot: v.Slot, value: object) -> tuple[bool, tuple[str, ...]]:
     return ok, tuple(x.reason for x in c.violations)
 
 
-@pytest.mark.parametrize(("value", "ok"), [(0, True), (1, False), (2, False), (3, False)])
+@pytest.mark.parametrize(("value", "ok"), [(0, True), (1, False), (2, False), (3, False), (-1, False)])
 def test_media_type_must_be_unset_when_no_image_bytes(value: int, ok: bool) -> None:
     got, reasons = _check(v.Slot.UNUSED_MEDIA_TYPE, value)
     assert got is ok
@@ -49,15 +49,36 @@ def test_violations_is_a_read_only_tuple_and_the_collector_keeps_a_bounded_numbe
     c = v.Collector(SETTINGS)
     assert not c and c.violations == ()
     cap = v.MAX_REPORTED_VIOLATIONS
-    for i in range(cap + 10):
+    extra = cap + 6  # a count whose bits overlap the cap's, so the total is a real sum
+    for i in range(cap + extra):
         c.add(f"documents[{i}]", "EMPTY_TEXT", "must not be empty")
     assert isinstance(c.violations, tuple) and len(c.violations) == cap
     err = c.error()
     assert len(err.violations) == cap
-    assert err.message.endswith(f"(and {cap + 9} more invalid fields)")  # dropped ones are counted
+    assert err.message.endswith(f"(and {cap + extra - 1} more invalid fields)")  # dropped ones count
 
 
 def test_rules_are_immutable() -> None:
     rule = v.RULES[0]
+    assert not hasattr(rule, "__dict__")  # slots
     with pytest.raises(dataclasses.FrozenInstanceError):
         rule.reason = "OTHER"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("kind", "ok"), [(0, False), (1, True), (2, True), (3, False), (-1, False)])
+def test_both_score_kinds_are_accepted(kind: int, ok: bool) -> None:
+    got, reasons = _check(v.Slot.SCORE_KIND, kind)
+    assert got is ok and reasons == (() if ok else ("INVALID_ENUM",))
+
+
+@pytest.mark.parametrize(("n", "ok"), [(0, False), (1, True), (2, True), (1000, True), (1001, False)])
+def test_top_n_range_includes_one_and_max_documents(n: int, ok: bool) -> None:
+    assert SETTINGS.max_documents == 1000
+    got, reasons = _check(v.Slot.TOP_N, n)
+    assert got is ok and reasons == (() if ok else ("OUT_OF_RANGE",))
+
+
+@pytest.mark.parametrize(("data", "ok"), [(b"plain", True), ("naïve".encode(), True), (b"na\xffve", False)])
+def test_streamed_text_must_be_utf8(data: bytes, ok: bool) -> None:
+    got, reasons = _check(v.Slot.STREAMED_TEXT, data)
+    assert got is ok and reasons == (() if ok else ("INVALID_UTF8",))
