@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         ),
     )
     decode_threads: int = Field(4, ge=1, description="CPU threads that decode and preprocess images.")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads of a serving process (0 = auto: on the CPU device one "
+        "core fewer than the machine has, so the event loop, tokenisation and image decoding keep "
+        "a core; 1 on a GPU).",
+    )
     decode_processes: int = Field(
         0, ge=0, description="Image decoder worker processes (0 = as many as decode_threads)."
     )
@@ -133,6 +140,19 @@ class Settings(BaseSettings):
     max_batch_pairs: int = Field(64, ge=1, description="Pairs per forward batch.")
     max_batch_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits to fill.")
     max_inflight_pairs: int = Field(4096, ge=1, description="Admitted pairs before RESOURCE_EXHAUSTED.")
+    heavy_pair_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Pairs above this many tokens (large images, long passages) queue in a lane of "
+        "their own: lighter pairs are never batched with them and go first, so a text request does "
+        "not wait behind image work queued before it.",
+    )
+    heavy_pair_max_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="Once the oldest heavy pair has waited this long, every other batch is heavy "
+        "(heavy work is delayed, never starved).",
+    )
     retry_after_s: float = Field(0.5, ge=0, description="RetryInfo delay sent with RESOURCE_EXHAUSTED.")
     max_prefix_kv_mib: int = Field(
         16384,

@@ -456,3 +456,37 @@ async def test_prefix_memory_of_admitted_requests_bounds_admission() -> None:
         admitted = asyncio.create_task(sched.rerank(make_job("2")))
         engine.gate.open()
         await asyncio.wait_for(asyncio.gather(held, admitted), WAIT)
+
+
+async def test_light_pairs_overtake_heavy_ones_and_never_share_their_batch() -> None:
+    """The two-lane queue (issue 14): while an image-heavy request waits for the device, a later
+    text request goes first and is not batched with it (it waits only for the batch on the device)."""
+    engine = FakeEngine()
+    heavy_texts = ["9" * 60 + str(i) for i in range(3)]  # cost 61 tokens each: heavy at 50
+    async with running(engine, heavy_pair_tokens=50, heavy_pair_max_wait_s=60.0) as sched:
+        held = await hold_device(engine, sched)
+        heavy = asyncio.create_task(sched.rerank(make_job(*heavy_texts)))
+        await eventually(lambda: sched.queue_depth == 3, WAIT, "heavy pairs queued")
+        light = asyncio.create_task(sched.rerank(make_job("1", "2")))
+        await eventually(lambda: sched.queue_depth == 5, WAIT, "light pairs queued")
+        engine.gate.open()
+        await asyncio.wait_for(asyncio.gather(held, heavy, light), WAIT)
+    after = engine.batches[1:]
+    assert sorted(after[0]) == ["1", "2"]  # queued last, scored first
+    assert all(set(b) <= set(heavy_texts) for b in after[1:])
+    assert sorted(t for b in after[1:] for t in b) == sorted(heavy_texts)
+
+
+async def test_heavy_pairs_are_delayed_never_starved() -> None:
+    """Once the oldest heavy pair has waited heavy_pair_max_wait_s, every other batch is heavy."""
+    engine = FakeEngine()
+    async with running(engine, heavy_pair_tokens=50, heavy_pair_max_wait_s=0.0, max_batch_pairs=1) as sched:
+        held = await hold_device(engine, sched)
+        heavy = asyncio.create_task(sched.rerank(make_job("8" * 60, "9" * 60)))
+        await eventually(lambda: sched.queue_depth == 2, WAIT, "heavy pairs queued")
+        light = asyncio.create_task(sched.rerank(make_job("1", "2", "3")))
+        await eventually(lambda: sched.queue_depth == 5, WAIT, "light pairs queued")
+        engine.gate.open()
+        await asyncio.wait_for(asyncio.gather(held, heavy, light), WAIT)
+    order = ["H" if len(b[0]) > 50 else "L" for b in engine.batches[1:]]
+    assert order == ["H", "L", "H", "L", "L"]

@@ -135,6 +135,50 @@ class _Item:
     ready: float
 
 
+class _Lanes:
+    """The device queue: two FIFO lanes by pair cost, so cheap pairs never wait behind expensive ones.
+
+    A pair whose ``cost_tokens`` exceeds ``heavy_tokens`` (an image document, a long passage)
+    queues in the heavy lane. Batches are planned from one lane at a time, so a 3-passage text
+    request is never batched with (and never waits for) a decode-heavy image pair queued before it:
+    it waits at most for the batch already on the device. Heavy work cannot starve: once the heavy
+    lane's oldest pair has waited ``heavy_wait_s``, every other batch comes from it.
+    """
+
+    __slots__ = ("_last_heavy", "heavy", "heavy_tokens", "heavy_wait_s", "light")
+
+    def __init__(self, heavy_tokens: int, heavy_wait_s: float) -> None:
+        self.light: collections.deque[_Item] = collections.deque()
+        self.heavy: collections.deque[_Item] = collections.deque()
+        self.heavy_tokens = heavy_tokens
+        self.heavy_wait_s = heavy_wait_s
+        self._last_heavy = False
+
+    def __len__(self) -> int:
+        return len(self.light) + len(self.heavy)
+
+    def append(self, item: _Item) -> None:
+        (self.heavy if item.pair.cost_tokens > self.heavy_tokens else self.light).append(item)
+
+    def drop(self, req: _Request) -> None:
+        """Remove ``req``'s pairs (O(queue): only when the request has pairs queued)."""
+        self.light = collections.deque(i for i in self.light if i.req is not req)
+        self.heavy = collections.deque(i for i in self.heavy if i.req is not req)
+
+    def pick(self, now: float) -> collections.deque[_Item]:
+        """The lane the next batch comes from (non-empty when the queue is)."""
+        if not self.heavy:
+            lane = self.light
+        elif not self.light or (now - self.heavy[0].ready >= self.heavy_wait_s and not self._last_heavy):
+            lane = self.heavy
+        else:
+            lane = self.light
+        return lane
+
+    def dispatched(self, lane: collections.deque[_Item]) -> None:
+        self._last_heavy = lane is self.heavy
+
+
 def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
     """Run ``fn`` on a worker thread and report its duration alongside the result."""
     t0 = time.perf_counter()
@@ -169,7 +213,7 @@ class Scheduler:
         # time budget): on threads of their own, so text-only work never queues behind them.
         self._image_pool: cf.ThreadPoolExecutor | None = None
         self._device_pool: cf.ThreadPoolExecutor | None = None
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue = _Lanes(settings.heavy_pair_tokens, settings.heavy_pair_max_wait_s)
         self._requests: set[_Request] = set()  # admitted, not yet retired
         self._inflight_pairs = 0
         self._preparing = 0
@@ -472,7 +516,7 @@ class Scheduler:
         if req.query_future is not None:
             req.query_future.cancel()
         if req.queued:  # O(queue), so only when there is something of this request to drop
-            self._queue = collections.deque(item for item in self._queue if item.req is not req)
+            self._queue.drop(req)
             self.metrics.pairs_dropped.inc(req.queued)
             req.queued = 0
         self._update_gauges()
@@ -560,12 +604,14 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            count, tokens, full = self._plan_batch()
-            remaining = self._queue[0].ready + self._max_wait - time.monotonic()
+            lane = self._queue.pick(time.monotonic())
+            count, tokens, full = self._plan_batch(lane)
+            remaining = lane[0].ready + self._max_wait - time.monotonic()
             if full or self._preparing == 0 or remaining <= 0:
-                if self._expire_deadlines(count):
+                if self._expire_deadlines(lane, count):
                     continue  # their pairs left the queue: plan again
-                batch = [self._queue.popleft() for _ in range(count)]
+                batch = [lane.popleft() for _ in range(count)]
+                self._queue.dispatched(lane)
                 for item in batch:
                     item.req.queued -= 1
                 self._update_gauges()
@@ -575,13 +621,13 @@ class Scheduler:
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
 
-    def _plan_batch(self) -> tuple[int, int, bool]:
-        """How many head-of-queue pairs fit one batch, their token estimate, and whether it is full."""
+    def _plan_batch(self, lane: collections.deque[_Item]) -> tuple[int, int, bool]:
+        """How many head-of-lane pairs fit one batch, their token estimate, and whether it is full."""
         count = 0
         max_cost = 0
         prefix = 0
         seen: set[_Request] = set()
-        for item in self._queue:
+        for item in lane:
             if count == self._max_pairs:
                 return count, count * max_cost + prefix, True
             cost = max(max_cost, item.pair.cost_tokens)
@@ -595,7 +641,7 @@ class Scheduler:
             prefix += extra
         return count, count * max_cost + prefix, count >= self._max_pairs
 
-    def _expire_deadlines(self, count: int) -> bool:
+    def _expire_deadlines(self, lane: collections.deque[_Item], count: int) -> bool:
         """Fail the requests among the next ``count`` queued pairs whose deadline has passed.
 
         Each waiter in :meth:`rerank` already times out on its own; this only closes the gap
@@ -605,7 +651,7 @@ class Scheduler:
         now = time.monotonic()
         expired = {
             item.req
-            for item in itertools.islice(self._queue, count)
+            for item in itertools.islice(lane, count)
             if item.req.deadline is not None and item.req.deadline <= now
         }
         for req in expired:
