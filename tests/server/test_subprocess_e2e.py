@@ -71,6 +71,9 @@ LOAD_ENV = {
     "LYCHEE_RETRY_AFTER_S": str(RETRY_AFTER_S),
     "LYCHEE_WARMUP": "false",
     "LYCHEE_GRACE_PERIOD_S": "5",
+    # One FIFO lane: these scenarios queue small requests *behind* a big one on purpose (the
+    # two-lane ordering that would let them overtake is tested in tests/scheduler).
+    "LYCHEE_HEAVY_PAIR_TOKENS": "1000000",
 }
 
 
