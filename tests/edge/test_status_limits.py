@@ -51,7 +51,7 @@ def test_detail_text_is_cut_at_exactly_the_limit() -> None:
     assert status.to_http(InvalidInput(longer)).body["message"] == cut
 
 
-@pytest.mark.parametrize("n", [status.MAX_STATUS_VIOLATIONS, status.MAX_STATUS_VIOLATIONS + 5])
+@pytest.mark.parametrize("n", [5, status.MAX_STATUS_VIOLATIONS, status.MAX_STATUS_VIOLATIONS + 25])
 def test_violation_cap_and_count_on_both_doors(n: int) -> None:
     cap = status.MAX_STATUS_VIOLATIONS
     err = InvalidInput("bad", violations=[FieldViolation(f"documents[{i}]", "bad") for i in range(n)])
@@ -99,8 +99,11 @@ def test_request_id_is_keyword_only() -> None:
     err = InvalidInput("bad")
     with pytest.raises(TypeError):
         status.to_http(err, "rid")  # type: ignore[misc]
+    for fn in (status.status_for_exception, status.to_status_pb, status.to_status, status.as_lychee_error):
+        with pytest.raises(TypeError):
+            fn(err, "rid")  # type: ignore[operator]
     with pytest.raises(TypeError):
-        status.status_for_exception(err, "rid")  # type: ignore[misc]
+        status.http_error_for_exception(err, "rid")  # type: ignore[misc]
     assert status.to_http(err, request_id="rid").headers["x-request-id"] == "rid"
 
 

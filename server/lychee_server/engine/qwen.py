@@ -319,7 +319,7 @@ class QwenRerankEngine:
         # The score head in float32 (see _score_head): the two rows and the final norm's weight.
         self.w_no_yes: torch.Tensor = w[[self.no_id, self.yes_id]].detach().float().clone()
         self.norm_w: torch.Tensor = self.lm.norm.weight.detach().float().clone()
-        self.norm_eps = float(getattr(self.lm.norm, "variance_epsilon", getattr(self.lm.norm, "eps", 1e-6)))
+        self.norm_eps = float(self.lm.norm.variance_epsilon)  # Qwen2RMSNorm
         self._varlen, self.attention_backend = self._choose_attention(settings.attention_backend)
         self._prefix_lock = threading.Lock()
         self._live_prefix_bytes = 0  # prefix K/V of prepared queries not yet released
