@@ -63,7 +63,7 @@ BUGS: dict[str, tuple[str, str, str, str]] = {
     ),
     "nan-not-last": (
         "server/lychee_server/scheduler/core.py",
-        "    return (True, 0.0) if math.isnan(score) else (False, -score)\n",
+        "    return (True,) if math.isnan(score) else (False, -score)\n",
         "    return (False, -score)\n",
         "NaN scores not sorted last",
     ),

@@ -186,10 +186,11 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
     return out, time.perf_counter() - t0
 
 
-def _sort_key(score: float) -> tuple[bool, float]:
+def _sort_key(score: float) -> tuple[bool] | tuple[bool, float]:
     """Descending score; a NaN (a broken forward) sorts last, after -inf too, instead of scrambling
-    the order (a bare ``inf`` key for NaN tied it with -inf, which then came after it by index)."""
-    return (True, 0.0) if math.isnan(score) else (False, -score)
+    the order (a bare ``inf`` key for NaN tied it with -inf, which then came after it by index).
+    NaNs tie among themselves (key ``(True,)``), so they keep their input order."""
+    return (True,) if math.isnan(score) else (False, -score)
 
 
 class Scheduler:
@@ -564,7 +565,8 @@ class Scheduler:
                     truncated=req.truncated[i],
                 )
             )
-        query_images = req.pq.num_images if req.pq is not None else 0
+        assert req.pq is not None  # answered only after the query was prepared
+        query_images = req.pq.num_images
         usage = Usage(
             pairs=req.n,
             tokens=req.tokens,
