@@ -179,7 +179,7 @@ def test_cpu_score_of_packed_requests_has_no_sync(cpu_engine: Any) -> None:
     assert audit.violations == [], audit.summary()
 
 
-def test_the_cpu_audit_sees_a_sync_planted_in_the_engine(cpu_engine: Any, monkeypatch: Any) -> None:
+def test_the_cpu_audit_sees_a_sync_planted_in_the_engine(cpu_engine: Any) -> None:
     """The engine-level test above can fail: a sync added to the embedding step is found, at its line."""
     original = cpu_engine.lm.embed_tokens
 
@@ -188,7 +188,9 @@ def test_the_cpu_audit_sees_a_sync_planted_in_the_engine(cpu_engine: Any, monkey
             out: torch.Tensor = original(ids)
             return out * float(out.abs().max())  # plant: engine_item
 
-    monkeypatch.setattr(cpu_engine.lm, "embed_tokens", Syncing())
+    # Swapped by hand, not with monkeypatch: its undo of an nn.Module child deleted the child from
+    # the shared session engine (every later test then failed on a missing embed_tokens).
+    cpu_engine.lm.embed_tokens = Syncing()
     audit = SyncAudit(cpu_engine.device, roots=[HERE])
     pq = cpu_engine.prepare_query(DEFAULT_INSTRUCTION, Content(text="q"), 2048)
     try:
@@ -196,6 +198,8 @@ def test_the_cpu_audit_sees_a_sync_planted_in_the_engine(cpu_engine: Any, monkey
             cpu_engine.score([cpu_engine.prepare_pair(pq, Content(text="doc"))])
     finally:
         cpu_engine.release(pq)
+        cpu_engine.lm.embed_tokens = original
+    assert cpu_engine.lm.embed_tokens is original
     items = [v for v in audit.violations if v.kind == "item"]
     assert items, audit.summary()
     assert items[0].stack[0].line == _line_of("# plant: engine_item")
