@@ -44,7 +44,9 @@ def test_check_fails_when_the_engine_departs_from_the_recipe(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Rotary positions dropped in the engine only: the naive loop (transformers' forward) keeps them.
-    monkeypatch.setattr(QwenRerankEngine, "_rotate", staticmethod(lambda x, cos, sin: x))
+    from lychee_server.engine.fused import FusedOps
+
+    monkeypatch.setattr(FusedOps, "rotary", lambda self, x, cos, sin: x)
     out = tmp_path / "check.json"
     assert main(["check", "--model", str(tiny_checkpoint), "--json", str(out)]) == 1
     report = json.loads(out.read_text())
