@@ -228,3 +228,87 @@ def test_prompt_split_at_an_odd_offset_into_a_literal() -> None:
     prompt = Prompt.compile("<s>a" + DOCUMENT_MARKER + "<e>", CONTROL, {}, _enc)  # marker at index 1
     head, tail = prompt.split(DOCUMENT_MARKER, 1)
     assert head.segments == (1, ("a\n",)) and tail.segments == (("<Document>:",), 2)
+
+
+def _naive_positions(
+    ids: list[int], grids: list[tuple[int, int, int]], start: int
+) -> tuple[list[int], list[list[int]], int]:
+    """get_rope_index for still images, one token at a time (written independently of the engine)."""
+    out_ids: list[int] = []
+    axes: list[list[int]] = [[], [], []]
+    cur, g = start, iter(grids)
+    for tok in ids:
+        if tok != PAD:
+            out_ids.append(tok)
+            for a in axes:
+                a.append(cur)
+            cur += 1
+            continue
+        t, h, w = next(g)
+        gh, gw = h // 2, w // 2
+        for ti in range(t):
+            for r in range(gh):
+                for c in range(gw):
+                    out_ids.append(PAD)
+                    axes[0].append(cur + ti)
+                    axes[1].append(cur + r)
+                    axes[2].append(cur + c)
+        cur += max(gh, gw, t)
+    return out_ids, axes, cur
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_positions_equal_a_per_token_reference_on_random_layouts(seed: int) -> None:
+    """Random text runs (ids above the placeholder's too), 0-3 images of random grids, odd starts."""
+    rng = np.random.default_rng(seed)
+    ids: list[int] = []
+    grids: list[tuple[int, int, int]] = []
+    for _ in range(int(rng.integers(0, 4))):
+        ids += [int(x) for x in rng.choice([3, 5, PAD + 1, PAD + 7, 40], size=int(rng.integers(0, 6)))]
+        ids.append(PAD)
+        grids.append((int(rng.integers(1, 3)), 2 * int(rng.integers(1, 5)), 2 * int(rng.integers(1, 5))))
+    ids += [int(x) for x in rng.choice([3, PAD + 2, 11], size=int(rng.integers(0, 5)))]
+    start = int(rng.integers(0, 40)) * 2 + 1
+    got_ids, got_pos, nxt = expand_and_position(np.array(ids, dtype=np.int64), grids, PAD, 2, start)
+    want_ids, want_pos, want_next = _naive_positions(ids, grids, start)
+    assert got_ids.tolist() == want_ids
+    assert got_pos.tolist() == (want_pos if want_ids else [[], [], []])
+    assert nxt == want_next
+
+
+def test_positions_reject_more_placeholders_than_images() -> None:
+    with pytest.raises(ValueError, match="2 image placeholders for 1 images"):
+        expand_and_position(np.array([PAD, 5, PAD]), [(1, 2, 2)], PAD, 2, 0)
+
+
+def test_document_segment_where_the_document_token_is_smaller() -> None:
+    END = 2
+    # The first differing token of the full pair is *smaller* than the empty pair's.
+    assert document_segment(np.array([1, 5, 3, 7, END, 1]), np.array([1, 5, 8, END, 1]), END) == (2, 4)
+
+
+def test_compile_matches_the_longest_control_token_first() -> None:
+    control = {"<a>": 1, "<a>b": 2}
+    assert Prompt.compile("<a>bc<a>", control, {}, _enc).segments == (2, ("c",), 1)
+
+
+def test_compile_names_the_slot_a_control_token_swallowed() -> None:
+    mark = MARKS["query"]
+    with pytest.raises(ValueError, match=r"slots \['query'\] were cut"):
+        Prompt.compile("a<x" + mark + ">b", {"<x" + mark + ">": 5}, {"query": mark}, _enc)
+
+
+def test_split_in_a_literal_at_an_odd_index_after_later_segments() -> None:
+    """The marker in part 1 of segment 3 (both odd, past the first): the parts and segments after it."""
+    rendered = "<s>x<e>" + MARKS["query"] + "y" + DOCUMENT_MARKER + "z" + MARKS["document"] + "<e><s>w"
+    prompt = Prompt.compile(rendered, CONTROL, MARKS, _enc)
+    assert prompt.segments[3] == (Slot("query"), "y" + DOCUMENT_MARKER + "z", Slot("document"))
+    head, tail = prompt.split(DOCUMENT_MARKER, 1)
+    assert head.segments == (1, ("x",), 2, (Slot("query"), "y\n"))
+    assert tail.segments == (("<Document>:z", Slot("document")), 2, 1, ("w",))
+    values = {"query": "Q", "document": "D"}
+    assert np.concatenate([head.ids(values), tail.ids(values)]).tolist() == prompt.ids(values).tolist()
+
+
+def test_slot_has_no_instance_dict() -> None:
+    assert not hasattr(Slot("query"), "__dict__")
