@@ -11,6 +11,7 @@
 # Runs in a temporary copy of the repository (the working tree is never mutated), with cosmic-ray in
 # its own virtual environment (MUTATION_VENV, created on first use; the tests run on .venv).
 #   bash scripts/mutation.sh [target ...]        (default: all)
+#   MUTATION_LINES=44,88 bash scripts/mutation.sh recipe   (only the mutants on those lines)
 # Writes the sessions and a summary to MUTATION_OUT (default build/mutation/): per target the
 # score (killed / (killed + survived); a test run past the timeout counts as killed, as cosmic-ray
 # reports it; incompetent mutants, which do not even import, are left out) and every
@@ -97,6 +98,11 @@ run_target() {
       tests="tests/edge/test_edge_rules.py tests/edge/test_validation_edges.py tests/edge/test_edge_codec.py tests/edge/test_contract_doc.py" ;;
     *) echo "unknown target $name (known: ${ALL[*]})" >&2; return 2 ;;
   esac
+  # MUTATION_LINES="44,88,..." re-runs only the mutants on those lines (e.g. the survivors of a
+  # previous full run, after tests were added for them).
+  if [[ -n "${MUTATION_LINES:-}" ]]; then
+    lines="$(echo "$MUTATION_LINES" | tr ',' '\n' | sed 's/.*/"&"/' | paste -sd, - | sed 's/,/, /g')"
+  fi
   local cfg="$OUT/$name.toml" session="$OUT/$name.sqlite"
   {
     echo "[cosmic-ray]"
