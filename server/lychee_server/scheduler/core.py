@@ -186,7 +186,7 @@ def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
     return out, time.perf_counter() - t0
 
 
-def _sort_key(score: float) -> tuple[bool] | tuple[bool, float]:
+def _sort_key(score: float) -> tuple[float, ...]:
     """Descending score; a NaN (a broken forward) sorts last, after -inf too, instead of scrambling
     the order (a bare ``inf`` key for NaN tied it with -inf, which then came after it by index).
     NaNs tie among themselves (key ``(True,)``), so they keep their input order."""
