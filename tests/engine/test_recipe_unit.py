@@ -312,3 +312,17 @@ def test_split_in_a_literal_at_an_odd_index_after_later_segments() -> None:
 
 def test_slot_has_no_instance_dict() -> None:
     assert not hasattr(Slot("query"), "__dict__")
+
+
+def test_compile_names_only_the_slots_that_were_cut() -> None:
+    q, d = MARKS["query"], MARKS["document"]
+    with pytest.raises(ValueError, match=r"slots \['query'\] were cut"):
+        Prompt.compile("a<x" + q + ">b" + d, {"<x" + q + ">": 5}, MARKS, _enc)
+
+
+def test_split_at_the_end_of_a_later_segment_keeps_every_segment_after_it() -> None:
+    prompt = Prompt.compile("<s>x<e>abc" + DOCUMENT_MARKER + "<e><s>w", CONTROL, {}, _enc)
+    assert prompt.segments[3] == ("abc" + DOCUMENT_MARKER,)
+    head, tail = prompt.split(DOCUMENT_MARKER, len(DOCUMENT_MARKER))  # nothing left of the literal
+    assert head.segments == (1, ("x",), 2, ("abc" + DOCUMENT_MARKER,))
+    assert tail.segments == (2, 1, ("w",))
