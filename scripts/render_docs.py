@@ -912,9 +912,16 @@ def render_reliability(v: Fmt, data: Path = REL) -> str:
             "the line: documents counted from the field tags (refused past max_documents before the full "
             "parse), size refusals answered after `oversize_refusal_delay_s`, image decodes in killable "
             "worker processes on their own threads, stalled streams ended by `stream_idle_timeout_s` within "
-            "the server-wide `max_buffered_bytes`. On a small machine the attackers, the server and the "
-            "measuring client share the cores, so the attack's CPU use shows in the normal requests' "
-            "latency.",
+            "the server-wide `max_buffered_bytes`, text pairs in a device lane of their own, and image "
+            "batches that pause on the device at every step (a vision block, an attention chunk, half a "
+            "decoder layer: at most ~8 ms each on this CPU) so a text batch runs at the next pause. On a "
+            "small machine the attackers, the server and the measuring client share the cores, so the "
+            "attack's CPU use shows in the normal requests' latency; the attackers' process runs at nice "
+            f"{v(live.get('attacker_nice', 0))} (an attacker elsewhere on the network takes no CPU from "
+            "the server; the server's side of each hostile call runs at its normal priority). What "
+            "remains: each message declaring millions of documents is 13 MiB that grpc's receive path "
+            "hands over on the event loop with the GIL held (~10 ms per message, seen with py-spy "
+            "`--gil`), before any of our code runs.",
         ]
     if load:
         L += [

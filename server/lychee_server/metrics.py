@@ -92,6 +92,11 @@ class Metrics:
         self.oom_splits = Counter(
             "lychee_oom_splits", "Batches split in halves after a device out-of-memory error.", registry=r
         )
+        self.preemptions = Counter(
+            "lychee_preemptions",
+            "Light batches run at a pause of a heavy (image, long-passage) batch on the device.",
+            registry=r,
+        )
         self.preprocess_seconds = Histogram(
             "lychee_preprocess_seconds",
             "CPU preparation time per item (stage=query: prefix + query image; stage=pair: one document).",

@@ -145,7 +145,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Pairs above this many tokens (large images, long passages) queue in a lane of "
         "their own: lighter pairs are never batched with them and go first, so a text request does "
-        "not wait behind image work queued before it.",
+        "not wait behind image work queued before it; and a heavy batch on the device pauses at its "
+        "next step (a vision block, an attention chunk, half a decoder layer) for a light batch.",
     )
     heavy_pair_max_wait_s: float = Field(
         2.0,

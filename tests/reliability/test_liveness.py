@@ -44,6 +44,11 @@ MiB = 1024 * 1024
 SECONDS = float(os.environ.get("LIVENESS_SECONDS", "5"))
 MIX = os.environ.get("LIVENESS_MIX", "huge,bomb,stall")  # which hostile callers run
 GRACE = 5.0
+# The attackers' own CPU work (building and pushing 13 MiB messages) runs at a lower priority: on
+# the 2-core CI machine it would otherwise take CPU from the server, which an attacker elsewhere on
+# the network cannot do. The server's side of every hostile call (receiving, refusing, decoding)
+# runs at the server's normal priority. LIVENESS_ATTACKER_NICE=0 measures without it.
+ATTACKER_NICE = int(os.environ.get("LIVENESS_ATTACKER_NICE", "10"))
 BIG = [("grpc.max_send_message_length", 64 * MiB)]
 NORMAL = pb.RerankRequest(
     instruction="Given a product query, retrieve the matching catalogue entries",
@@ -150,6 +155,7 @@ def _attacker(address: str, stop: Any, counts: Any) -> None:
     """The hostile callers, in a process of their own: pushing 13 MiB messages through grpc in the
     measuring process would slow its own event loop and be mistaken for server latency."""
     local = {"huge_count": 0, "stalled_streams": 0, "decode_bombs": 0}
+    os.nice(ATTACKER_NICE)
 
     async def run() -> None:
         flag = asyncio.Event()
@@ -173,10 +179,11 @@ def _attacker(address: str, stop: Any, counts: Any) -> None:
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 14: on a 2-core machine the attackers share the cores with the server and the "
-        "measuring client, and one decode-bomb device step (~87 ms of ViT on the tiny model's "
-        "CPU) cannot be preempted, so other work on the machine can push p99 over the bound; a "
-        "benchmark whose figures scripts/reliability.sh renders, not a CI gate"
+        "issue 14: a decode-heavy batch now pauses for text batches at every step (measured: bombs "
+        "alone, p99 1.8x idle), but each 13 MiB huge-count message still costs the server's event "
+        "loop ~10 ms of GIL in grpc's own receive path (py-spy --gil), and on a 2-core machine the "
+        "attackers, the measuring client and the server share the cores: p99 varies from run to "
+        "run (2-7x idle); a benchmark whose figures scripts/reliability.sh renders, not a CI gate"
     ),
 )
 async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
@@ -235,6 +242,7 @@ async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
         "health_checks": len(health),
         "hostile": hostile_sent,
         "mix": MIX,
+        "attacker_nice": ATTACKER_NICE,
         "grace_period_s": GRACE,
         "exit_seconds_after_sigterm": round(exit_s, 2),
         "exit_code": code,

@@ -490,3 +490,88 @@ async def test_heavy_pairs_are_delayed_never_starved() -> None:
         await asyncio.wait_for(asyncio.gather(held, heavy, light), WAIT)
     order = ["H" if len(b[0]) > 50 else "L" for b in engine.batches[1:]]
     assert order == ["H", "L", "H", "L", "L"]
+
+
+class _SteppedEngine(FakeEngine):  # type: ignore[misc]  # harness is not on mypy_path
+    """FakeEngine with ``score_steps``: a batch of long texts pauses ``steps`` times; the first
+    step of such a batch can be held (``hold_heavy``) so that a test can queue work behind it."""
+
+    def __init__(self, steps: int = 3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.log: list[str] = []  # "H<i>" for heavy steps, then "H=" when it ends; "L" per light batch
+        self.hold_heavy = threading.Event()
+        self.hold_heavy.set()
+        self.in_heavy = threading.Event()
+
+    def score(self, pairs: Any) -> list[float]:
+        self.log.append("L" if all(len(p.text) <= 50 for p in pairs) else "S")
+        return super().score(pairs)  # type: ignore[no-any-return]
+
+    def score_steps(self, pairs: Any) -> Any:
+        for i in range(self.steps):
+            self.log.append(f"H{i}")
+            if i == 0:
+                self.in_heavy.set()
+                assert self.hold_heavy.wait(WAIT)
+            if "fail" in pairs[0].text and i == 1:
+                raise RuntimeError("fake failure in a step")
+            if "oom" in pairs[0].text and i == 1:
+                raise errors.DeviceOutOfMemory("fake OOM in a step")
+            yield
+        self.log.append("H=")
+        return [p.logit if "oom" not in p.text else -p.logit for p in pairs]
+
+
+async def test_a_light_batch_runs_at_a_pause_of_a_heavy_batch() -> None:
+    """Preemption (issue 14): a text request queued while an image-heavy batch is on the device
+    runs at that batch's next pause, not after its end; the heavy batch then resumes where it was."""
+    engine = _SteppedEngine(steps=4)
+    heavy_texts = ["9" * 60 + str(i) for i in range(2)]
+    async with running(engine, heavy_pair_tokens=50) as sched:
+        engine.hold_heavy.clear()
+        heavy = asyncio.create_task(sched.rerank(make_job(*heavy_texts)))
+        await wait_thread_event(engine.in_heavy)
+        light = asyncio.create_task(sched.rerank(make_job("1", "2")))
+        await eventually(lambda: sched.queue_depth == 2, WAIT, "light pairs queued")
+        engine.hold_heavy.set()
+        light_result, heavy_result = await asyncio.wait_for(asyncio.gather(light, heavy), WAIT)
+        assert sample(sched, "lychee_preemptions_total") == 1
+    assert engine.log == ["H0", "L", "H1", "H2", "H3", "H="]
+    assert [d.index for d in light_result.results] == [1, 0]
+    assert [d.score for d in heavy_result.results] == sorted((float(t) for t in heavy_texts), reverse=True)
+
+
+async def test_a_heavy_batch_with_nothing_waiting_runs_in_one_device_call() -> None:
+    engine = _SteppedEngine(steps=5)
+    async with running(engine, heavy_pair_tokens=50) as sched:
+        await asyncio.wait_for(sched.rerank(make_job("9" * 60)), WAIT)
+        assert sample(sched, "lychee_preemptions_total") == 0
+    assert engine.log == ["H0", "H1", "H2", "H3", "H4", "H="]
+
+
+async def test_a_heavy_batch_advances_at_least_one_step_per_light_batch() -> None:
+    """Light pairs waiting at every pause slow the heavy batch down, they cannot stop it."""
+    engine = _SteppedEngine(steps=3)
+    async with running(engine, heavy_pair_tokens=50, max_batch_pairs=1) as sched:
+        engine.hold_heavy.clear()
+        heavy = asyncio.create_task(sched.rerank(make_job("9" * 60)))
+        await wait_thread_event(engine.in_heavy)
+        light = asyncio.create_task(sched.rerank(make_job("1", "2", "3", "4")))
+        await eventually(lambda: sched.queue_depth == 4, WAIT, "light pairs queued")
+        engine.hold_heavy.set()
+        await asyncio.wait_for(asyncio.gather(light, heavy), WAIT)
+    assert engine.log == ["H0", "L", "H1", "L", "H2", "L", "H=", "L"]
+
+
+async def test_a_step_failure_fails_the_heavy_request_and_an_oom_splits_it() -> None:
+    engine = _SteppedEngine(steps=3)
+    async with running(engine, heavy_pair_tokens=50) as sched:
+        with pytest.raises(errors.InternalError):
+            await asyncio.wait_for(sched.rerank(make_job("fail" + "9" * 60)), WAIT)
+        # An OOM inside the steps: the halves are scored by score() (not preemptible, rare path).
+        result = await asyncio.wait_for(sched.rerank(make_job("oom" + "1" * 60, "oom" + "2" * 60)), WAIT)
+        assert sample(sched, "lychee_oom_splits_total") == 1
+        assert len(result.results) == 2
+        ok = await asyncio.wait_for(sched.rerank(make_job("5")), WAIT)  # the scheduler still serves
+        assert ok.results[0].score == 5.0

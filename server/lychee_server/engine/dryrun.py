@@ -100,7 +100,10 @@ DEFAULT_FP32_SITES: tuple[Fp32Site, ...] = (
     Fp32Site("engine/qwen.py", r"(QwenRerankEngine\.)?_readback", "score readback"),
     Fp32Site("engine/qwen.py", r"(QwenRerankEngine\.)?_score", "the scores of all batches", r"diffs"),
     Fp32Site(
-        "engine/qwen.py", r"(QwenRerankEngine\.)?_forward", "score head (inline)", r"logits|\.float\(\)"
+        "engine/qwen.py",
+        r"(QwenRerankEngine\.)?_forward(_steps)?",
+        "score head (inline)",
+        r"logits|\.float\(\)",
     ),
     Fp32Site("engine/vision.py", r"(VisionTower\.)?_rotary", "vision rotary angles"),
     Fp32Site("engine/vision.py", r"_rotate_half", "vision rotary (FP32 like transformers)"),

@@ -11,6 +11,12 @@ The scheduler drives an engine in three steps (infinity's ``pre -> core -> post`
    one batch. It returns the raw ``logit(yes) - logit(no)`` per pair, in order;
    p(yes) is ``sigmoid`` of it (the two-way softmax), computed by ``probability``.
 
+Engines that can pause between bounded pieces of device work also offer ``score_steps``: a
+generator doing exactly what ``score`` does, yielding at each preemption point (between vision
+blocks, attention query chunks, decoder half-layers) and returning the scores. The scheduler runs
+decode-heavy batches through it so that a small text batch can run at a pause instead of waiting for
+the whole heavy batch; ``score`` is ``run_steps(score_steps(...))``, one code path for both.
+
 ``release`` is called once when a request is finished (or abandoned) so the engine can drop
 per-request state (a cached prefix KV, say). Engines raise ``lychee_server.errors`` types:
 ``InvalidInput`` for bad content (a corrupt image, ...), ``DeviceOutOfMemory`` for an OOM
@@ -20,8 +26,8 @@ so the scheduler can split the batch and retry, anything else becomes INTERNAL.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Generator, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
 from lychee_server.domain import Content, EngineInfo
 
@@ -86,6 +92,26 @@ class Engine(Protocol):
     def warmup(self) -> None:
         """Run one small forward so the first caller does not pay for lazy initialisation."""
         ...
+
+
+@runtime_checkable
+class SteppedEngine(Protocol):
+    """An engine whose scoring can pause at preemption points (see the module docstring)."""
+
+    def score_steps(self, pairs: Sequence[PreparedPair]) -> Generator[None, None, list[float]]: ...
+
+
+_R = TypeVar("_R")
+
+
+def run_steps(steps: Generator[None, None, _R]) -> _R:
+    """Run ``steps`` to the end without pausing; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            result: _R = stop.value
+            return result
 
 
 def probability(logit_diff: float) -> float:

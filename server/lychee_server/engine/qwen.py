@@ -12,7 +12,7 @@ so exactness versus the plain HF forward is checked by the golden tests, not ass
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from lychee_server.engine.attention import Segments, VarlenAttention, merge
 from lychee_server.engine.decode_pool import DecodePool
 from lychee_server.engine.fused import FusedOps
 from lychee_server.engine.images import ImageLimits
+from lychee_server.engine.interface import run_steps
 from lychee_server.engine.loading import LoadedModel, load_model
 from lychee_server.engine.preprocess import FastImagePreprocessor, hf_patches
 from lychee_server.engine.recipe import (
@@ -564,6 +565,9 @@ class QwenRerankEngine:
         return t.to(self.device)
 
     def _vision(self, items: Sequence[ImageItem]) -> dict[str, torch.Tensor]:
+        return run_steps(self._vision_steps(items))
+
+    def _vision_steps(self, items: Sequence[ImageItem]) -> Generator[None, None, dict[str, torch.Tensor]]:
         """Merged vision-tower outputs for ``items``: cache hits, else one ViT call per chunk."""
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, ImageItem] = {}
@@ -584,17 +588,17 @@ class QwenRerankEngine:
                 it = ImageItem(it.key, it.grid, pv, it.source)
             assert pv is not None
             if chunk and patches + pv.shape[0] > _VIT_PATCH_CHUNK:
-                found.update(self._run_vit(chunk))
+                found.update((yield from self._run_vit(chunk)))
                 chunk, patches = [], 0
             chunk.append(it)
             patches += pv.shape[0]
         if chunk:
-            found.update(self._run_vit(chunk))
+            found.update((yield from self._run_vit(chunk)))
         return found
 
-    def _run_vit(self, items: list[ImageItem]) -> dict[str, torch.Tensor]:
+    def _run_vit(self, items: list[ImageItem]) -> Generator[None, None, dict[str, torch.Tensor]]:
         pv = [self._to_device(it.pixel_values) for it in items if it.pixel_values is not None]
-        out = self.tower(pv, [it.grid for it in items])
+        out = yield from self.tower.steps(pv, [it.grid for it in items])
         sizes = [image_token_count(it.grid, self.merge) for it in items]
         result: dict[str, torch.Tensor] = {}
         for it, emb in zip(items, torch.split(out, sizes), strict=True):
@@ -656,7 +660,17 @@ class QwenRerankEngine:
         prefix: _PrefixKV | _PackedPrefix | None,
         prefix_mode: bool = False,
     ) -> torch.Tensor | _PrefixKV:
-        """Run the decoder over packed tokens ``h`` (N, H).
+        return run_steps(self._forward_steps(h, pos, rows, prefix, prefix_mode))
+
+    def _forward_steps(
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        rows: _Rows,
+        prefix: _PrefixKV | _PackedPrefix | None,
+        prefix_mode: bool = False,
+    ) -> Generator[None, None, torch.Tensor | _PrefixKV]:
+        """Run the decoder over packed tokens ``h`` (N, H), pausing after each attention and MLP.
 
         ``prefix_mode``: return the K/V of every layer (one row, the request's shared prefix);
         otherwise return logit(yes) - logit(no) at each row's last position. ``prefix`` is one
@@ -701,13 +715,15 @@ class QwenRerankEngine:
             if isinstance(plan, _VarlenPlan):
                 o = self._attend_varlen(plan, li, q, k, v, last)
             else:
-                o = self._attend_padded(plan, li, q, k, v, last)
+                o = yield from self._attend_padded(plan, li, q, k, v, last)
             if last:
                 hl = hl + attn.o_proj(o.reshape(b, -1))
                 hl = hl + self.fused.mlp(layer.mlp, self.fused.norm(layer.post_attention_layernorm, hl))
                 return self._score_head(hl)
             h = h + attn.o_proj(o.reshape(n, -1))
+            yield
             h = h + self.fused.mlp(layer.mlp, self.fused.norm(layer.post_attention_layernorm, h))
+            yield
         return _PrefixKV(keys, values)
 
     def _score_head(self, hl: torch.Tensor) -> torch.Tensor:
@@ -741,7 +757,7 @@ class QwenRerankEngine:
 
     def _attend_padded(
         self, plan: _PaddedPlan, li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
-    ) -> torch.Tensor:
+    ) -> Generator[None, None, torch.Tensor]:
         rows, prefix, b = plan.rows, plan.prefix, plan.rows.b
         scale = self.head_dim**-0.5
         kp = rows.pad(k).transpose(1, 2)  # (B, KV, S, D)
@@ -761,13 +777,14 @@ class QwenRerankEngine:
         if plan.mask is None:
             o = F.scaled_dot_product_attention(qp, kr, vr, is_causal=True, scale=scale)
         else:
-            o = self._prefixed_attention(qp, kr, vr, plan.mask, plan.p, scale)
+            o = yield from self._prefixed_attention(qp, kr, vr, plan.mask, plan.p, scale)
         return rows.unpad(o.transpose(1, 2))  # (N, heads, D)
 
     def _prefixed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: int, scale: float
-    ) -> torch.Tensor:
-        """Attention of document queries over [prefix; document] keys, in query chunks.
+    ) -> Generator[None, None, torch.Tensor]:
+        """Attention of document queries over [prefix; document] keys, in query chunks (a pause
+        between chunks).
 
         A masked SDPA call computes every (query, key) score and then discards the causal upper
         triangle; cutting the queries into chunks that only see keys up to their own end skips most of
@@ -785,6 +802,8 @@ class QwenRerankEngine:
             out[:, :, a:e] = F.scaled_dot_product_attention(
                 q[:, :, a:e], k[:, :, :keys], v[:, :, :keys], attn_mask=mask[:, :, a:e, :keys], scale=scale
             )
+            if e < s:
+                yield
         return out
 
     # ---- attention on packed tokens (engine.attention): the varlen path
@@ -859,11 +878,16 @@ class QwenRerankEngine:
             out.append(cur)
         return out
 
-    @torch.inference_mode()
     def score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
+        return run_steps(self.score_steps(pairs))
+
+    @torch.inference_mode()
+    def score_steps(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
+        """:meth:`score`, pausing at each preemption point (``engine.interface``): after each vision
+        block and full-attention query chunk, each decoder attention and MLP, each batch's prefix."""
         oom = ""
         try:
-            return self._score(pairs)
+            return (yield from self._score(pairs))
         except LycheeError:
             raise
         except Exception as exc:
@@ -877,7 +901,7 @@ class QwenRerankEngine:
             torch.cuda.empty_cache()
         raise DeviceOutOfMemory(f"device out of memory scoring {len(pairs)} pairs ({oom})")
 
-    def _score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
+    def _score(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
         result = [0.0] * len(pairs)
         groups: dict[int, list[int]] = {}
         queries: dict[int, QwenPreparedQuery] = {}
@@ -908,7 +932,7 @@ class QwenRerankEngine:
             work.append((False, self._batches(fallback, pairs)))
         # The vision tower first, over every image of the call in full chunks (not a few images
         # between LLM batches); prefixes need their query images, documents theirs.
-        vis = self._vision(
+        vis = yield from self._vision_steps(
             [*(it for qid in groups for it in queries[qid].images), *(it for pr in pairs for it in pr.images)]
         )
         done: list[int] = []
@@ -918,9 +942,10 @@ class QwenRerankEngine:
                 prefix: _PrefixKV | _PackedPrefix | None = None
                 if reuse:
                     prefix = self._batch_prefix([pairs[i].query for i in batch], vis)
+                    yield
                 rows = [(pairs[i].ids, pairs[i].positions, pairs[i].images) for i in batch]
                 h, pos, meta = self._embed(rows, vis)
-                diff = self._forward(h, pos, meta, prefix)
+                diff = yield from self._forward_steps(h, pos, meta, prefix)
                 assert isinstance(diff, torch.Tensor)
                 done.extend(batch)
                 diffs.append(diff)

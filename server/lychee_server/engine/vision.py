@@ -19,7 +19,7 @@ patch embedding becomes one matmul.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lychee_server.engine.fused import FusedOps
+from lychee_server.engine.interface import run_steps
 
 __all__ = ["VisionPlan", "VisionTower"]
 
@@ -180,7 +181,7 @@ class VisionTower:
 
     def _attention(
         self, x: torch.Tensor, attn: Any, cos: torch.Tensor, sin: torch.Tensor, plan: VisionPlan, full: bool
-    ) -> torch.Tensor:
+    ) -> Generator[None, None, torch.Tensor]:
         n = x.shape[0]
         qkv = attn.qkv(x).view(n, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(1)
@@ -192,13 +193,13 @@ class VisionTower:
         if full:
             for index in plan.full_groups:
                 if index is None:
-                    o = F.scaled_dot_product_attention(
-                        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale
-                    )
-                    out = o[0].transpose(0, 1)
+                    qq, kk, vv = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, H, N, D)
                 else:
                     qq, kk, vv = (t[index].transpose(1, 2) for t in (q, k, v))  # (count, H, L, D)
-                    o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
+                o = yield from _chunked_sdpa(qq, kk, vv, scale)
+                if index is None:
+                    out = o[0].transpose(0, 1)
+                else:
                     out[index] = o.transpose(1, 2)
         else:
             for start, count, length in plan.window_groups:
@@ -208,6 +209,7 @@ class VisionTower:
                 )
                 o = F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
                 out[start:end] = o.transpose(1, 2).reshape(count * length, self.heads, -1)
+                yield
         projected: torch.Tensor = attn.proj(out.reshape(n, -1))
         return projected
 
@@ -219,15 +221,49 @@ class VisionTower:
         ``patches[i]`` is image i's ``(t*h*w, C*P*P)`` patch matrix (no temporal duplicate), on any
         device; ``grids[i]`` its (t, h, w) patch grid.
         """
+        return run_steps(self.steps(patches, grids))
+
+    def steps(
+        self, patches: Sequence[torch.Tensor], grids: Sequence[tuple[int, int, int]]
+    ) -> Generator[None, None, torch.Tensor]:
+        """:meth:`__call__` pausing after each block and each full-attention query chunk."""
         # Batches of same-resolution images repeat their layouts: cache them (small CPU work otherwise).
         plan = _cached_plan(tuple(tuple(g) for g in grids), self.merge, self.window, self.device)
         # Embed per image, then reorder the (N, hidden) result: no concatenated copy of the inputs.
         embedded = [F.linear(p.to(self.device, self.dtype, non_blocking=True), self.w_patch) for p in patches]
         h = torch.cat(embedded).index_select(0, plan.patch_order)
         cos, sin = self._rotary(plan.positions)
+        yield
         for i, blk in enumerate(self.visual.blocks):
             fz = self.fused
-            h = h + self._attention(fz.norm(blk.norm1, h), blk.attn, cos, sin, plan, i in self.full_blocks)
+            x = fz.norm(blk.norm1, h)
+            h = h + (yield from self._attention(x, blk.attn, cos, sin, plan, i in self.full_blocks))
+            yield
             h = h + fz.mlp(blk.mlp, fz.norm(blk.norm2, h))
+            yield
         merged: torch.Tensor = self.visual.merger(h)
         return merged[plan.unit_inverse]
+
+
+# Query rows x keys per full-attention call (per image of a group, all heads together). Queries
+# attend independently, so a chunk of query rows is exact; the chunks bound the step between two
+# preemption points (24M pairs for a 1080p image at the 7B's patch size: twelve chunks) and the score
+# matrix of SDPA's math backend, which materialises it (on the CPU).
+_FULL_ATTENTION_PAIRS = 1 << 21
+
+
+def _chunked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> Generator[None, None, torch.Tensor]:
+    """SDPA of (B, H, L, D) tensors, over chunks of query rows with a pause between chunks."""
+    count, length = q.shape[0], q.shape[2]
+    rows = max(64, _FULL_ATTENTION_PAIRS // max(count * k.shape[2], 1))
+    if rows >= length:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = torch.empty_like(q)
+    for start in range(0, length, rows):
+        end = min(start + rows, length)
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k, v, scale=scale)
+        if end < length:
+            yield
+    return out

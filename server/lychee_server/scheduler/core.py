@@ -22,6 +22,13 @@ Design (TEI-like; one asyncio task owns the device queue):
   would be pure latency. A single pair over the budget still runs, alone.
 * **Device.** ``engine.score`` runs on one dedicated thread: the device is used by one batch at
   a time, and the event loop never blocks on it.
+* **Preemption.** A heavy-lane batch (see :class:`_Lanes`) runs through ``engine.score_steps``
+  where the engine has it: the device thread advances it step by step (a vision block, an
+  attention query chunk, half a decoder layer) and, at the first pause after light pairs were
+  queued, hands it back to the batching task, which runs one light batch and then resumes the
+  heavy one. A 3-passage request thus waits for one step, not for a whole image batch; the heavy
+  batch advances at least one step per light batch, so it is slowed, never stopped. Without light
+  work waiting the heavy batch runs to the end in one device call (no per-step round trip).
 * **Dropping work.** A request that is done (answered, failed, cancelled by its caller, past its
   deadline) has its queued pairs purged and its pending preparations cancelled, so none of its
   remaining batches reach the device. Its ``PreparedQuery`` is released once nothing uses it
@@ -52,8 +59,9 @@ import functools
 import itertools
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -69,7 +77,7 @@ from lychee_server.domain import (
     Timings,
     Usage,
 )
-from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, probability
+from lychee_server.engine.interface import Engine, PreparedPair, PreparedQuery, SteppedEngine, probability
 from lychee_server.metrics import Metrics
 from lychee_server.settings import Settings
 from lychee_server.tracing import BatchTrace, CallTrace, start_batch
@@ -143,9 +151,12 @@ class _Lanes:
     request is never batched with (and never waits for) a decode-heavy image pair queued before it:
     it waits at most for the batch already on the device. Heavy work cannot starve: once the heavy
     lane's oldest pair has waited ``heavy_wait_s``, every other batch comes from it.
+
+    ``light_waiting`` is set while the light lane holds pairs: the device thread reads it at the
+    pauses of a heavy batch (the one piece of lane state shared with that thread).
     """
 
-    __slots__ = ("_last_heavy", "heavy", "heavy_tokens", "heavy_wait_s", "light")
+    __slots__ = ("_last_heavy", "heavy", "heavy_tokens", "heavy_wait_s", "light", "light_waiting")
 
     def __init__(self, heavy_tokens: int, heavy_wait_s: float) -> None:
         self.light: collections.deque[_Item] = collections.deque()
@@ -153,17 +164,34 @@ class _Lanes:
         self.heavy_tokens = heavy_tokens
         self.heavy_wait_s = heavy_wait_s
         self._last_heavy = False
+        self.light_waiting = threading.Event()
 
     def __len__(self) -> int:
         return len(self.light) + len(self.heavy)
 
     def append(self, item: _Item) -> None:
-        (self.heavy if item.pair.cost_tokens > self.heavy_tokens else self.light).append(item)
+        if item.pair.cost_tokens > self.heavy_tokens:
+            self.heavy.append(item)
+        else:
+            self.light.append(item)
+            self.light_waiting.set()
 
     def drop(self, req: _Request) -> None:
         """Remove ``req``'s pairs (O(queue): only when the request has pairs queued)."""
         self.light = collections.deque(i for i in self.light if i.req is not req)
         self.heavy = collections.deque(i for i in self.heavy if i.req is not req)
+        self._sync_flag()
+
+    def take(self, lane: collections.deque[_Item], count: int) -> list[_Item]:
+        """Pop the next ``count`` pairs of ``lane`` for a batch."""
+        batch = [lane.popleft() for _ in range(count)]
+        self._last_heavy = lane is self.heavy
+        self._sync_flag()
+        return batch
+
+    def _sync_flag(self) -> None:
+        if not self.light:
+            self.light_waiting.clear()
 
     def pick(self, now: float) -> collections.deque[_Item]:
         """The lane the next batch comes from (non-empty when the queue is)."""
@@ -175,8 +203,17 @@ class _Lanes:
             lane = self.light
         return lane
 
-    def dispatched(self, lane: collections.deque[_Item]) -> None:
-        self._last_heavy = lane is self.heavy
+    def is_heavy(self, lane: collections.deque[_Item]) -> bool:
+        return lane is self.heavy
+
+
+@dataclass
+class _Paused:
+    """A heavy batch handed back at a pause: its steps, device seconds so far, start wall time."""
+
+    steps: Generator[None, None, list[float]]
+    seconds: float
+    wall0: int
 
 
 def _timed(fn: Callable[..., _T], *args: Any) -> tuple[_T, float]:
@@ -215,6 +252,7 @@ class Scheduler:
         self._image_pool: cf.ThreadPoolExecutor | None = None
         self._device_pool: cf.ThreadPoolExecutor | None = None
         self._queue = _Lanes(settings.heavy_pair_tokens, settings.heavy_pair_max_wait_s)
+        self._stepped = isinstance(engine, SteppedEngine)  # heavy batches can pause for light ones
         self._requests: set[_Request] = set()  # admitted, not yet retired
         self._inflight_pairs = 0
         self._preparing = 0
@@ -590,8 +628,8 @@ class Scheduler:
         while True:
             batch: list[_Item] = []
             try:
-                batch, tokens = await self._next_batch()
-                await self._run_batch(batch, tokens)
+                batch, tokens, heavy = await self._next_batch()
+                await self._run_batch(batch, tokens, preemptible=heavy and self._stepped)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here must not leave waiters hanging
@@ -600,7 +638,8 @@ class Scheduler:
                 for req in victims:
                     self._fail(req, self._device_error(exc))
 
-    async def _next_batch(self) -> tuple[list[_Item], int]:
+    async def _next_batch(self) -> tuple[list[_Item], int, bool]:
+        """The next batch, its token estimate, and whether it is from the heavy lane."""
         while True:
             if not self._queue:
                 self._wakeup.clear()
@@ -612,16 +651,18 @@ class Scheduler:
             if full or self._preparing == 0 or remaining <= 0:
                 if self._expire_deadlines(lane, count):
                     continue  # their pairs left the queue: plan again
-                batch = [lane.popleft() for _ in range(count)]
-                self._queue.dispatched(lane)
-                for item in batch:
-                    item.req.queued -= 1
-                self._update_gauges()
-                return batch, tokens
+                return self._take(lane, count), tokens, self._queue.is_heavy(lane)
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._wakeup.wait()
+
+    def _take(self, lane: collections.deque[_Item], count: int) -> list[_Item]:
+        batch = self._queue.take(lane, count)
+        for item in batch:
+            item.req.queued -= 1
+        self._update_gauges()
+        return batch
 
     def _plan_batch(self, lane: collections.deque[_Item]) -> tuple[int, int, bool]:
         """How many head-of-lane pairs fit one batch, their token estimate, and whether it is full."""
@@ -660,7 +701,18 @@ class Scheduler:
             self._fail(req, errors.DeadlineExceeded("the deadline expired while the request was queued"))
         return bool(expired)
 
-    async def _run_batch(self, batch: list[_Item], tokens: int) -> None:
+    async def _run_light_batch(self) -> None:
+        """At a heavy batch's pause: one batch from the light lane, at once (no fill wait)."""
+        lane = self._queue.light
+        while lane:
+            count, tokens, _ = self._plan_batch(lane)
+            if self._expire_deadlines(lane, count):
+                continue
+            self.metrics.preemptions.inc()
+            await self._run_batch(self._take(lane, count), tokens)
+            return
+
+    async def _run_batch(self, batch: list[_Item], tokens: int, preemptible: bool = False) -> None:
         assert self._loop is not None and self._device_pool is not None
         reqs = {item.req for item in batch}
         start = time.monotonic()
@@ -682,9 +734,15 @@ class Scheduler:
         scored = 0
         try:
             try:
-                outcomes, seconds, window = await self._loop.run_in_executor(
-                    self._device_pool, self._score_on_device, pairs
+                run = await self._loop.run_in_executor(
+                    self._device_pool, self._score_on_device, pairs, preemptible
                 )
+                while isinstance(run, _Paused):
+                    await self._run_light_batch()
+                    run = await self._loop.run_in_executor(
+                        self._device_pool, self._resume_on_device, pairs, run
+                    )
+                outcomes, seconds, window = run
             except asyncio.CancelledError:
                 # Shutting down while the device may still read these prefixes: never retire them.
                 reqs = set()
@@ -727,31 +785,71 @@ class Scheduler:
         return start_batch([(r.trace, n) for r, n in counts.items()], pairs=len(batch), tokens=tokens)
 
     def _score_on_device(
-        self, pairs: Sequence[PreparedPair]
-    ) -> tuple[list[_Outcome], float, tuple[int, int]]:
+        self, pairs: Sequence[PreparedPair], preemptible: bool = False
+    ) -> tuple[list[_Outcome], float, tuple[int, int]] | _Paused:
         """Device thread: score a batch, splitting it on out-of-memory errors. Returns the
-        outcomes, the seconds it took, and its wall-clock window (``time.time_ns()``)."""
+        outcomes, the seconds it took, and its wall-clock window (``time.time_ns()``); or, for a
+        ``preemptible`` batch paused because light pairs wait, where to resume it."""
+        if preemptible:
+            assert isinstance(self._engine, SteppedEngine)
+            steps = self._engine.score_steps(pairs)
+            return self._resume_on_device(pairs, _Paused(steps, 0.0, time.time_ns()))
         wall0 = time.time_ns()
         t0 = time.perf_counter()
         outcomes = self._score_split(pairs)
         return outcomes, time.perf_counter() - t0, (wall0, time.time_ns())
 
+    def _resume_on_device(
+        self, pairs: Sequence[PreparedPair], paused: _Paused
+    ) -> tuple[list[_Outcome], float, tuple[int, int]] | _Paused:
+        """Device thread: advance a paused batch by at least one step, until it ends or light
+        pairs wait (checked at each pause after the first step)."""
+        t0 = time.perf_counter()
+        waiting = self._queue.light_waiting
+        try:
+            while True:
+                next(paused.steps)
+                if waiting.is_set():
+                    paused.seconds += time.perf_counter() - t0
+                    return paused
+        except StopIteration as stop:
+            try:
+                outcomes = self._checked(pairs, stop.value)
+            except errors.InternalError as exc:
+                outcomes = self._failed(pairs, exc)
+        except errors.DeviceOutOfMemory as exc:
+            outcomes = self._after_oom(pairs, exc)
+        except Exception as exc:
+            outcomes = self._failed(pairs, exc)
+        return outcomes, paused.seconds + time.perf_counter() - t0, (paused.wall0, time.time_ns())
+
     def _score_split(self, pairs: Sequence[PreparedPair]) -> list[_Outcome]:
         try:
-            scores = self._engine.score(pairs)
-            if len(scores) != len(pairs):
-                raise errors.InternalError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
-            return [float(s) for s in scores]
+            return self._checked(pairs, self._engine.score(pairs))
         except errors.DeviceOutOfMemory as exc:
-            if len(pairs) == 1:
-                return [exc]
-            self.metrics.oom_splits.inc()
-            half = len(pairs) // 2
-            return self._score_split(pairs[:half]) + self._score_split(pairs[half:])
+            return self._after_oom(pairs, exc)
         except Exception as exc:
-            # Logged here, once per failed engine call (not once per pair or per request).
-            log.error("scoring a batch of %d pairs failed", len(pairs), exc_info=exc)
-            return [exc] * len(pairs)
+            return self._failed(pairs, exc)
+
+    @staticmethod
+    def _checked(pairs: Sequence[PreparedPair], scores: Sequence[float]) -> list[_Outcome]:
+        if len(scores) != len(pairs):
+            raise errors.InternalError(f"engine returned {len(scores)} scores for {len(pairs)} pairs")
+        return [float(s) for s in scores]
+
+    def _after_oom(self, pairs: Sequence[PreparedPair], exc: errors.DeviceOutOfMemory) -> list[_Outcome]:
+        """Score the halves of a batch that ran out of device memory (single pairs fail)."""
+        if len(pairs) == 1:
+            return [exc]
+        self.metrics.oom_splits.inc()
+        half = len(pairs) // 2
+        return self._score_split(pairs[:half]) + self._score_split(pairs[half:])
+
+    @staticmethod
+    def _failed(pairs: Sequence[PreparedPair], exc: Exception) -> list[_Outcome]:
+        # Logged here, once per failed engine call (not once per pair or per request).
+        log.error("scoring a batch of %d pairs failed", len(pairs), exc_info=exc)
+        return [exc] * len(pairs)
 
     @staticmethod
     def _device_error(exc: BaseException) -> errors.LycheeError:
