@@ -54,6 +54,12 @@ class Metrics:
         )
         # --- scheduler ----------------------------------------------------------------
         self.queue_depth = Gauge("lychee_queue_depth", "Prepared pairs waiting for the device.", registry=r)
+        self.gc_frozen_objects = Gauge(
+            "lychee_gc_frozen_objects",
+            "Objects alive after start-up (model, tokenizer, libraries) that the garbage collector "
+            "no longer walks (gc.freeze).",
+            registry=r,
+        )
         self.preparing_pairs = Gauge(
             "lychee_preparing_pairs", "Admitted pairs not yet prepared (tokenize / image decode).", registry=r
         )

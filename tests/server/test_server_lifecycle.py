@@ -179,3 +179,25 @@ async def test_subprocess_serves_and_drains_on_sigterm(request: pytest.FixtureRe
                 rpc_lines += 1
     assert rpc_lines == 1  # one structured line per request
     assert "draining" in events and "stopped" in events
+
+
+async def test_drain_waits_only_for_calls_that_began_before_it() -> None:
+    """A caller that keeps opening calls while the server drains (each one refused SHUTTING_DOWN)
+    must not hold the drain for the whole grace period: it waits for the calls in flight at SIGTERM."""
+    from lychee_server.edge.gate import Gate
+    from lychee_server.metrics import Metrics
+
+    gate = Gate(Metrics(), make_settings())
+    before = gate.call("Rerank", "grpc", "before")
+    before.__enter__()
+    gate.begin_drain()
+    during = gate.call("Rerank", "grpc", "during")
+    during.__enter__()
+    waiting = asyncio.create_task(gate.wait_calls_done(WAIT))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # "before" still runs
+    before.__exit__(None, None, None)
+    assert await asyncio.wait_for(waiting, WAIT)  # done while "during" still runs
+    assert gate.active_calls == 1
+    during.__exit__(None, None, None)
+    assert gate.active_calls == 0

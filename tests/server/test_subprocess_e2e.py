@@ -565,6 +565,9 @@ async def test_health_through_startup_and_sigterm_drain(tiny_checkpoint: Path) -
 
             # Drain: SIGTERM while a long request is in flight.
             url = metrics_url(srv.metrics_port)
+            # The start-up heap is frozen: full collections never walk the model's objects (each
+            # such walk held the GIL ~0.2 s, stalling the event loop and health checks).
+            assert (await scrape(url))("lychee_gc_frozen_objects") > 100_000
             big, _ = await start_big(stub, url)
             srv.proc.send_signal(signal.SIGTERM)
             drain_deadline = time.monotonic() + WAIT

@@ -189,8 +189,12 @@ class Gate:
         self._scheduler: Scheduler | None = None
         self._info: EngineInfo | None = None
         self._active = 0
-        self._no_active = asyncio.Event()
-        self._no_active.set()
+        # Calls that began before the drain: the drain waits for these only. Calls arriving during
+        # it are refused at once (SHUTTING_DOWN); a caller that keeps opening calls while the
+        # server drains must not hold the drain for the whole grace period.
+        self._before_drain = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     # ------------------------------------------------------------------ state
     def attach(self, scheduler: Scheduler, info: EngineInfo) -> None:
@@ -229,9 +233,10 @@ class Gate:
         return self._active
 
     async def wait_calls_done(self, limit_s: float) -> bool:
-        """Wait until no call is running on either door; False if ``limit_s`` passed first."""
+        """Wait until every call that began before :meth:`begin_drain` has ended, on either door;
+        False if ``limit_s`` passed first."""
         try:
-            await asyncio.wait_for(self._no_active.wait(), max(limit_s, 0.0))
+            await asyncio.wait_for(self._drained.wait(), max(limit_s, 0.0))
         except TimeoutError:
             return False
         return True
@@ -287,7 +292,10 @@ class Gate:
             request_id=request_id, method=method, transport=transport, peer=peer, tenant=tenant, trace=trace
         )
         self._active += 1
-        self._no_active.clear()
+        counted = self.state is not ServingState.DRAINING
+        if counted:
+            self._before_drain += 1
+            self._drained.clear()
         try:
             yield call
         finally:
@@ -310,8 +318,10 @@ class Gate:
             if trace is not None:
                 trace.end(call.code)
             self._active -= 1
-            if self._active == 0:
-                self._no_active.set()
+            if counted:
+                self._before_drain -= 1
+                if self._before_drain == 0:
+                    self._drained.set()
 
     async def score(
         self,
