@@ -558,6 +558,7 @@ def _profile(ns: argparse.Namespace) -> int:
     sync_lines: list[str] = []
     prof_lines: list[str] = []
     try:
+        report["preemption"] = _probe(lambda: _preemption(engine, pool, workloads))
         for name in workloads:
             row: dict[str, Any] = {"warm_s": round(once(name), 4)}  # untimed warm request
             report["workloads"][name] = row
@@ -646,6 +647,71 @@ def _profile(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _preemption(
+    engine: Any, pool: ThreadPoolExecutor, workloads: dict[str, tuple[Any, list[Any]]]
+) -> dict[str, Any]:
+    """A light batch (3 passages of workload b) at the first pause of a heavy batch (workload a
+    through ``score_steps``, paced on CUDA) against the same light batch alone, and the heavy
+    batch's scores and time stepped against ``score()``."""
+    from lychee_server.bench import _sync
+    from lychee_server.domain import DEFAULT_INSTRUCTION
+    from lychee_server.engine.interface import run_steps
+
+    heavy_q, heavy_docs = workloads["a"]
+    light_q, light_docs = workloads["b"]
+    hq = engine.prepare_query(DEFAULT_INSTRUCTION, heavy_q, 3200)
+    heavy = list(pool.map(lambda d: engine.prepare_pair(hq, d), heavy_docs))
+    lq = engine.prepare_query(DEFAULT_INSTRUCTION, light_q, 3200)
+    light = [engine.prepare_pair(lq, d) for d in light_docs[:3]]
+    try:
+
+        def timed(fn: Any) -> tuple[Any, float]:
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(engine.device)
+            return out, time.perf_counter() - t0
+
+        engine.score(light)
+        _, light_alone = timed(lambda: engine.score(light))
+        engine.vision_cache.clear()
+        want, heavy_s = timed(lambda: engine.score(heavy))
+        engine.vision_cache.clear()
+        steps = engine.score_steps(heavy)
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        next(steps)  # the first pause (the host is at most _RUN_AHEAD steps ahead on CUDA)
+        pause_at = time.perf_counter() - t0
+        _, light_in_pause = timed(lambda: engine.score(light))
+        pauses = 1
+        t1 = time.perf_counter()
+        while True:
+            try:
+                next(steps)
+                pauses += 1
+            except StopIteration as stop:
+                got = stop.value
+                break
+        _sync(engine.device)
+        stepped_s = pause_at + time.perf_counter() - t1
+        engine.vision_cache.clear()
+        plain = run_steps(engine.score_steps(heavy))
+    finally:
+        engine.release(hq)
+        engine.release(lq)
+    return {
+        "heavy_pairs": len(heavy),
+        "light_pairs": len(light),
+        "pauses": pauses,
+        "light_alone_ms": round(light_alone * 1000, 2),
+        "light_at_first_pause_ms": round(light_in_pause * 1000, 2),
+        "heavy_score_ms": round(heavy_s * 1000, 2),
+        "heavy_stepped_ms_without_the_light_batch": round(stepped_s * 1000, 2),
+        "stepped_scores_equal_score": got == want and plain == want,
+        "max_abs_diff": max((abs(a - b) for a, b in zip(got, want, strict=True)), default=0.0),
+    }
+
+
 # ----------------------------------------------------------------------------------------- summary
 def _load(path: Path) -> Any:
     try:
@@ -721,7 +787,21 @@ def _key_figures(step: str, out: Path) -> list[tuple[str, str]]:
         for name, r in d.get("workloads", {}).items():
             top = (r.get("top") or [{}])[0].get("name", "-")
             parts.append(f"{name}: sync {_fmt(r.get('sync_warnings'), 'd')}, top {top[:28]}")
-        return [(step, "; ".join(parts))]
+        rows = [(step, "; ".join(parts))]
+        pre = d.get("preemption") or {}
+        if pre.get("error"):
+            rows.append(("  preemption", f"failed: {pre['error'][:60]}"))
+        elif pre:
+            rows.append(
+                (
+                    "  preemption",
+                    f"light {_fmt(pre.get('light_alone_ms'), '.1f')} ms alone, "
+                    f"{_fmt(pre.get('light_at_first_pause_ms'), '.1f')} ms at a pause of a "
+                    f"{_fmt(pre.get('heavy_score_ms'), '.0f')} ms heavy batch; scores equal: "
+                    f"{pre.get('stepped_scores_equal_score')}",
+                )
+            )
+        return rows
     if step == "variants":
         d = _load(out / "variants.json")
         if not d:

@@ -142,6 +142,9 @@ def test_cpu_run_end_to_end(tmp_path: Path) -> None:
 
     prof = json.loads((out / "profile.json").read_text())
     assert set(prof["workloads"]) == {"a", "b"}
+    pre = prof["preemption"]  # a light batch at a pause of a heavy one; stepped == score()
+    assert pre.get("error") is None and pre["stepped_scores_equal_score"] is True, pre
+    assert pre["pauses"] > 10 and pre["light_at_first_pause_ms"] > 0
     for row in prof["workloads"].values():
         assert row["top"] and row["top"][0]["self_us"] > 0
     text = (out / "profile.txt").read_text()

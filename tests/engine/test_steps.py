@@ -67,3 +67,44 @@ def test_full_attention_query_chunks_are_exact(tiny_engine: QwenRerankEngine, mo
     n = grid[0] * grid[1] * grid[2]
     assert pauses > n // 64  # one pause per chunk of 64 query rows at this budget
     assert (chunked - whole).abs().max().item() <= 1e-6 * max(1.0, whole.abs().max().item())
+
+
+def test_cuda_pauses_keep_at_most_run_ahead_steps_queued() -> None:
+    """On CUDA the host waits at each pause until at most ``run_ahead`` steps are still queued
+    (kernel launches are asynchronous: unpaced, every pause would come before the device got there)."""
+    from lychee_server.engine.qwen import paced
+
+    log: list[str] = []
+
+    class Event:
+        def __init__(self) -> None:
+            self.n = sum(1 for e in log if e.startswith("record"))
+
+        def record(self) -> None:
+            log.append(f"record {self.n}")
+
+        def synchronize(self) -> None:
+            log.append(f"wait {self.n}")
+
+    def steps() -> Any:
+        for i in range(4):
+            log.append(f"step {i}")
+            yield
+        return "done"
+
+    gen = paced(steps(), 2, Event)
+    pauses = 0
+    while True:
+        try:
+            next(gen)
+            pauses += 1
+        except StopIteration as stop:
+            assert stop.value == "done"
+            break
+    assert pauses == 4
+    assert log == [
+        "step 0", "record 0",
+        "step 1", "record 1",
+        "step 2", "record 2", "wait 0",  # three queued: the host waits for the oldest
+        "step 3", "record 3", "wait 1",
+    ]  # fmt: skip

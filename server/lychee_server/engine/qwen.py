@@ -11,10 +11,11 @@ so exactness versus the plain HF forward is checked by the golden tests, not ass
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -240,6 +241,41 @@ class QwenPreparedPair:
     @property
     def cost_tokens(self) -> int:
         return len(self.ids)
+
+
+_T = TypeVar("_T")
+# Steps of a preemptible batch queued on a CUDA device ahead of the host (see score_steps).
+_RUN_AHEAD = 2
+
+
+class _Event(Protocol):
+    def record(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+def _cuda_event() -> _Event:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+def paced(
+    steps: Generator[None, None, _T], run_ahead: int, new_event: Callable[[], _Event]
+) -> Generator[None, None, _T]:
+    """``steps`` with an event recorded at each pause; before pausing, the host waits until at most
+    ``run_ahead`` steps are still queued on the device (the event of the step before them is done)."""
+    queued: collections.deque[_Event] = collections.deque()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            result: _T = stop.value
+            return result
+        event = new_event()
+        event.record()
+        queued.append(event)
+        if len(queued) > run_ahead:
+            queued.popleft().synchronize()
+        yield
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -879,12 +915,23 @@ class QwenRerankEngine:
         return out
 
     def score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
-        return run_steps(self.score_steps(pairs))
+        return run_steps(self._score_guarded(pairs))
 
-    @torch.inference_mode()
     def score_steps(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
         """:meth:`score`, pausing at each preemption point (``engine.interface``): after each vision
-        block and full-attention query chunk, each decoder attention and MLP, each batch's prefix."""
+        block and full-attention query chunk, each decoder attention and MLP, each batch's prefix.
+
+        On CUDA kernel launches are asynchronous, so the host would reach every pause long before
+        the device does and a batch enqueued at a pause would still run after the whole heavy
+        batch: there the pauses are paced, with at most ``_RUN_AHEAD`` steps queued on the device
+        ahead of the host (an event per step; the host waits for the oldest)."""
+        steps = self._score_guarded(pairs)
+        if self.device.type != "cuda":
+            return (yield from steps)
+        return (yield from paced(steps, _RUN_AHEAD, _cuda_event))
+
+    @torch.inference_mode()
+    def _score_guarded(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
         oom = ""
         try:
             return (yield from self._score(pairs))
