@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -82,16 +81,6 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _gpus() -> list[str]:
     try:
         done = subprocess.run(
@@ -106,7 +95,9 @@ def _gpus() -> list[str]:
 
 
 def machine_string(cpu: str | None = None, cores: int | None = None, gpus: list[str] | None = None) -> str:
-    cpu = cpu or _cpu_model()
+    from lychee_server.machine import cpu_model
+
+    cpu = cpu or cpu_model()
     cores = cores or os.cpu_count()
     gpus = _gpus() if gpus is None else gpus
     return f"{cpu}, {cores} cores, " + (", ".join(gpus) if gpus else "no GPU")
@@ -914,14 +905,16 @@ def render_reliability(v: Fmt, data: Path = REL) -> str:
             "worker processes on their own threads, stalled streams ended by `stream_idle_timeout_s` within "
             "the server-wide `max_buffered_bytes`, text pairs in a device lane of their own, and image "
             "batches that pause on the device at every step (a vision block, an attention chunk, half a "
-            "decoder layer: at most ~8 ms each on this CPU) so a text batch runs at the next pause. On a "
+            "decoder layer: a few milliseconds each on this CPU) so a text batch runs at the next pause, "
+            "and a frozen start-up heap (`gc.freeze`: full collections no longer walk the model's "
+            "objects with the GIL held). On a "
             "small machine the attackers, the server and the measuring client share the cores, so the "
             "attack's CPU use shows in the normal requests' latency; the attackers' process runs at nice "
             f"{v(live.get('attacker_nice', 0))} (an attacker elsewhere on the network takes no CPU from "
             "the server; the server's side of each hostile call runs at its normal priority). What "
-            "remains: each message declaring millions of documents is 13 MiB that grpc's receive path "
-            "hands over on the event loop with the GIL held (~10 ms per message, seen with py-spy "
-            "`--gil`), before any of our code runs.",
+            "remains: each message declaring millions of documents is many MiB that grpc's receive path "
+            "hands over on the event loop with the GIL held (milliseconds per message, seen with "
+            "`py-spy record --gil`), before any of our code runs.",
         ]
     if load:
         L += [

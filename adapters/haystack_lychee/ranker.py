@@ -45,11 +45,9 @@ pipeline, Haystack wraps it in ``PipelineRuntimeError`` with the original as ``_
 from __future__ import annotations
 
 import dataclasses
-import math
 import mimetypes
 import re
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -64,12 +62,11 @@ from lychee.rerank.client import (
     ImageInput,
     LycheeClient,
     Query,
-    RankedDocument,
     RerankResult,
-    ServerError,
     ServerInfo,
 )
 from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
+from lychee.rerank.client._ranking import select_ranked
 
 __all__ = ["LycheeRanker"]
 
@@ -91,28 +88,6 @@ def _typed(data: bytes, mime_type: str | None, where: str) -> ImageInput:
 
 def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def _ranked(
-    results: Sequence[RankedDocument], n: int, *, top_k: int | None, score_threshold: float | None
-) -> list[RankedDocument]:
-    """Best first (ties keep input order), at most ``top_k``, then ``score_threshold``.
-
-    The client already rejects indices out of range or repeated; a short or NaN answer is
-    rejected here, since attaching a score to the wrong document would be silent downstream.
-    """
-    expected = n if top_k is None else min(top_k, n)
-    if len(results) < expected:
-        raise ServerError(
-            f"reranker returned {len(results)} results, expected {expected}", reason="INVALID_RESPONSE"
-        )
-    for r in results:
-        if math.isnan(r.score):
-            raise ServerError(f"reranker returned NaN for index {r.index}", reason="INVALID_RESPONSE")
-    ranked = sorted(results, key=lambda r: (-r.score, r.index))[:expected]
-    if score_threshold is not None:
-        ranked = [r for r in ranked if r.score >= score_threshold]
-    return ranked
 
 
 @component
@@ -356,7 +331,7 @@ class LycheeRanker:
     def _output(
         documents: list[Document], result: RerankResult, top_k: int | None, score_threshold: float | None
     ) -> dict[str, list[Document]]:
-        ranked = _ranked(result.results, len(documents), top_k=top_k, score_threshold=score_threshold)
+        ranked = select_ranked(result.results, len(documents), top_n=top_k, score_threshold=score_threshold)
         out = [
             dataclasses.replace(documents[r.index], score=r.score, meta=dict(documents[r.index].meta))
             for r in ranked

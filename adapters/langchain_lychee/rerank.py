@@ -36,7 +36,6 @@ gRPC error. Inputs the adapter cannot encode raise ``ValueError``/``TypeError`` 
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Sequence
@@ -55,9 +54,9 @@ from lychee.rerank.client import (
     LycheeClient,
     Query,
     RankedDocument,
-    ServerError,
 )
 from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
+from lychee.rerank.client._ranking import select_ranked as _select
 
 __all__ = ["LycheeRerank"]
 
@@ -88,27 +87,7 @@ def select_ranked(
     exactly one input document (out of range, repeated, missing) raise :class:`ServerError`:
     attaching a score to the wrong document would be a silent, unrecoverable bug downstream.
     """
-    expected = n_documents if top_n is None else min(top_n, n_documents)
-    seen: set[int] = set()
-    for r in results:
-        if not 0 <= r.index < n_documents:
-            raise ServerError(
-                f"reranker returned index {r.index} for {n_documents} documents", reason="INVALID_RESPONSE"
-            )
-        if r.index in seen:
-            raise ServerError(f"reranker returned index {r.index} twice", reason="INVALID_RESPONSE")
-        if math.isnan(r.score):
-            raise ServerError(f"reranker returned NaN for index {r.index}", reason="INVALID_RESPONSE")
-        seen.add(r.index)
-    if len(results) < expected:
-        raise ServerError(
-            f"reranker returned {len(results)} results, expected {expected}", reason="INVALID_RESPONSE"
-        )
-    ranked = sorted(results, key=lambda r: (-r.score, r.index))
-    if top_n is not None:
-        ranked = ranked[:top_n]
-    if score_threshold is not None:
-        ranked = [r for r in ranked if r.score >= score_threshold]
+    ranked = _select(results, n_documents, top_n=top_n, score_threshold=score_threshold)
     return [{"index": r.index, "relevance_score": r.score} for r in ranked]
 
 

@@ -43,7 +43,6 @@ cannot be encoded raise ``ValueError`` / ``TypeError`` before any call.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import threading
@@ -65,11 +64,10 @@ from lychee.rerank.client import (
     ImageInput,
     LycheeClient,
     Query,
-    RankedDocument,
     RerankResult,
-    ServerError,
 )
 from lychee.rerank.client._inputs import decode_base64_data_uri, decode_base64_image
+from lychee.rerank.client._ranking import select_ranked
 
 __all__ = ["LycheeRerank"]
 
@@ -96,28 +94,6 @@ def _with_type(data: bytes, mimetype: str | None) -> ImageInput:
     if mimetype in _MEDIA_TYPES:
         return EncodedImage(data, cast("Any", mimetype))
     return data
-
-
-def _ranked(
-    results: Sequence[RankedDocument], n: int, *, top_n: int | None, score_threshold: float | None
-) -> list[RankedDocument]:
-    """Best first (ties keep input order), at most ``top_n``, then ``score_threshold``.
-
-    The client already rejects indices out of range or repeated; a short or NaN answer is
-    rejected here, since attaching a score to the wrong node would be silent downstream.
-    """
-    expected = n if top_n is None else min(top_n, n)
-    if len(results) < expected:
-        raise ServerError(
-            f"reranker returned {len(results)} results, expected {expected}", reason="INVALID_RESPONSE"
-        )
-    for r in results:
-        if math.isnan(r.score):
-            raise ServerError(f"reranker returned NaN for index {r.index}", reason="INVALID_RESPONSE")
-    ranked = sorted(results, key=lambda r: (-r.score, r.index))[:expected]
-    if score_threshold is not None:
-        ranked = [r for r in ranked if r.score >= score_threshold]
-    return ranked
 
 
 class LycheeRerank(BaseNodePostprocessor):
@@ -285,7 +261,9 @@ class LycheeRerank(BaseNodePostprocessor):
 
     def _scored(self, nodes: Sequence[NodeWithScore], result: RerankResult) -> list[NodeWithScore]:
         out = []
-        ranked = _ranked(result.results, len(nodes), top_n=self.top_n, score_threshold=self.score_threshold)
+        ranked = select_ranked(
+            result.results, len(nodes), top_n=self.top_n, score_threshold=self.score_threshold
+        )
         for r in ranked:
             original = nodes[r.index]
             node = original.node

@@ -18,7 +18,6 @@ import io
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -281,15 +280,9 @@ def _machine(device: Any) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} x{os.cpu_count()}"
+    from lychee_server.machine import cpu_model
+
+    return f"CPU {cpu_model()} x{os.cpu_count()}"
 
 
 def run_bench(args: argparse.Namespace) -> int:

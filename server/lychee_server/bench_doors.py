@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lychee_server.machine import cpu_model
+
 __all__ = ["add_bench_doors_arguments", "run_bench_doors"]
 
 WORKLOADS = ("images", "passages")
@@ -391,14 +393,6 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _commit() -> str:
     def git(*cmd: str) -> str:
         done = subprocess.run(
@@ -428,7 +422,7 @@ def _machine(args: argparse.Namespace, spawned: bool) -> dict[str, Any]:
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "python": platform.python_version(),

@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lychee_server.machine import cpu_model
+
 __all__ = ["RUNTIME_WHEELS", "main"]
 
 # Runtime modules the engine path (settings, images) needs beyond torch + transformers and their own
@@ -330,23 +332,12 @@ def _probe_fp8(torch: Any, device: Any) -> dict[str, Any]:
     return info
 
 
-def _cpu_model() -> str:
-    """The host CPU's model name (for the provenance of GPU figures in docs/data)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _preflight(ns: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "device_requested": ns.device,
         "modules": {},

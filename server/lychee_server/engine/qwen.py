@@ -688,16 +688,6 @@ class QwenRerankEngine:
             h = h.index_copy(0, where, torch.cat(embeds, dim=0).to(h.dtype))
         return h, self._to_device(torch.from_numpy(pos)), meta
 
-    def _forward(
-        self,
-        h: torch.Tensor,
-        pos: torch.Tensor,
-        rows: _Rows,
-        prefix: _PrefixKV | _PackedPrefix | None,
-        prefix_mode: bool = False,
-    ) -> torch.Tensor | _PrefixKV:
-        return run_steps(self._forward_steps(h, pos, rows, prefix, prefix_mode))
-
     def _forward_steps(
         self,
         h: torch.Tensor,
@@ -885,7 +875,7 @@ class QwenRerankEngine:
             if vis is None or any(it.key not in vis for it in pq.images):
                 vis = self._vision(pq.images)
             h, pos, meta = self._embed([(pq.shared_ids, pq.shared_pos, pq.images)], vis)
-            out = self._forward(h, pos, meta, None, prefix_mode=True)
+            out = run_steps(self._forward_steps(h, pos, meta, None, prefix_mode=True))
             assert isinstance(out, _PrefixKV)
             state = out
             pq.state = state

@@ -353,21 +353,14 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise errors.DeadlineExceeded("the deadline expired before the request was admitted")
         if self._inflight_pairs > 0 and self._inflight_pairs + n > self._capacity:
-            self.metrics.rejected.labels("OVERLOADED").inc()
-            raise errors.ResourceExhausted(
-                f"server at capacity: {self._inflight_pairs} pairs in flight, {n} more requested, "
-                f"limit {self._capacity}",
-                reason="OVERLOADED",
-                retry_after=self._settings.retry_after_s,
+            raise self._overloaded(
+                f"{self._inflight_pairs} pairs in flight, {n} more requested, limit {self._capacity}"
             )
         live = int(getattr(self._engine, "live_prefix_bytes", 0))
         if self._inflight_pairs > 0 and live > self._prefix_budget:
-            self.metrics.rejected.labels("OVERLOADED").inc()
-            raise errors.ResourceExhausted(
-                f"server at capacity: the shared prefixes of admitted requests hold {live >> 20} MiB "
-                f"of device memory, limit {self._prefix_budget >> 20} MiB",
-                reason="OVERLOADED",
-                retry_after=self._settings.retry_after_s,
+            raise self._overloaded(
+                f"the shared prefixes of admitted requests hold {live >> 20} MiB of device memory, "
+                f"limit {self._prefix_budget >> 20} MiB"
             )
         assert self._loop is not None and self._prep_pool is not None
         req = _Request(
@@ -407,6 +400,13 @@ class Scheduler:
         return req.fut.result()
 
     # ------------------------------------------------------------------ preparation
+    def _overloaded(self, why: str) -> errors.ResourceExhausted:
+        """Admission's refusal (counted): RESOURCE_EXHAUSTED / OVERLOADED with the retry delay."""
+        self.metrics.rejected.labels("OVERLOADED").inc()
+        return errors.ResourceExhausted(
+            f"server at capacity: {why}", reason="OVERLOADED", retry_after=self._settings.retry_after_s
+        )
+
     def _from_thread(self, fn: Callable[..., None], *args: Any) -> Callable[[cf.Future[Any]], None]:
         """A done-callback for a worker future that runs ``fn(*args, future)`` on the loop."""
         loop = self._loop
