@@ -5,12 +5,13 @@ Phases, all against one ``python -m lychee_server.app`` on the tiny checkpoint:
 1. **idle**: a stream of normal text-only requests (one at a time) measures p50/p99 latency;
 2. **attack**: the same stream runs while hostile callers send, in a loop, requests with two
    million tiny documents (wire bytes), stalled streams (a header, half an item, then nothing) and
-   decode bombs (large progressive JPEGs); health is checked every 100 ms;
+   decode bombs (large progressive JPEGs, each one new bytes so that no cache helps); health is
+   checked every 100 ms;
 3. **SIGTERM** while the hostile requests still run: the process must exit within the grace period
    plus 5 s.
 
-Targets: attack p99 <= 3 x idle p99 (with a 50 ms floor on the idle figure, which on the tiny model
-is a few milliseconds), every health check answered within 1 s, exit within grace + 5 s. Figures
+Targets (the issue's): attack p99 <= 3 x idle p99, every health check answered within 1 s, exit
+within grace + 5 s. Figures
 go to ``build/reliability/liveness.json`` (``scripts/reliability.sh`` renders them).
 
 Default run: ``LIVENESS_SECONDS`` (5) per phase, so the test stays short; the benchmark in the
@@ -103,14 +104,16 @@ async def _health(address: str, stop: asyncio.Event) -> list[float]:
 
 async def _hostile(address: str, stop: asyncio.Event, counts: dict[str, int]) -> None:
     huge = _huge_count()
-    bomb = pb.RerankRequest(
-        query=pb.Content(text="q"),
-        documents=[
-            pb.Document(
-                content=pb.Content(image=pb.Image(data=_progressive_jpeg(), media_type=pb.MEDIA_TYPE_JPEG))
-            )
-        ],
-    )
+    jpeg = _progressive_jpeg()
+
+    def bomb(n: int) -> pb.RerankRequest:
+        # A different comment segment in each: new bytes, so no cache helps (each one is decoded
+        # and runs the vision tower), as an attacker varying its bombs would make them.
+        marked = jpeg[:2] + b"\xff\xfe\x00\x0a" + n.to_bytes(8, "big") + jpeg[2:]
+        image = pb.Image(data=marked, media_type=pb.MEDIA_TYPE_JPEG)
+        return pb.RerankRequest(
+            query=pb.Content(text="q"), documents=[pb.Document(content=pb.Content(image=image))]
+        )
 
     async def huge_loop() -> None:
         async with grpc.aio.insecure_channel(address, options=BIG) as channel:
@@ -121,12 +124,14 @@ async def _hostile(address: str, stop: asyncio.Event, counts: dict[str, int]) ->
                 except grpc.aio.AioRpcError:
                     counts["huge_count"] += 1
 
-    async def bomb_loop() -> None:
+    async def bomb_loop(first: int) -> None:
         async with grpc.aio.insecure_channel(address, options=BIG) as channel:
             stub = pb_grpc.RerankServiceStub(channel)
+            n = first
             while not stop.is_set():
+                n += 1
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    await stub.Rerank(bomb, timeout=30)
+                    await stub.Rerank(bomb(n), timeout=30)
                 counts["decode_bombs"] += 1
 
     async def stalled() -> None:
@@ -145,7 +150,7 @@ async def _hostile(address: str, stop: asyncio.Event, counts: dict[str, int]) ->
     mix = set(MIX.split(","))
     tasks = [
         *([huge_loop(), huge_loop()] if "huge" in mix else []),
-        *([bomb_loop(), bomb_loop()] if "bomb" in mix else []),
+        *([bomb_loop(0), bomb_loop(1 << 40)] if "bomb" in mix else []),
         *((stalled() for _ in range(16)) if "stall" in mix else ()),
     ]
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -179,11 +184,11 @@ def _attacker(address: str, stop: Any, counts: Any) -> None:
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 14: a decode-heavy batch now pauses for text batches at every step (measured: bombs "
-        "alone, p99 1.8x idle), but each 13 MiB huge-count message still costs the server's event "
-        "loop ~10 ms of GIL in grpc's own receive path (py-spy --gil), and on a 2-core machine the "
-        "attackers, the measuring client and the server share the cores: p99 varies from run to "
-        "run (2-7x idle); a benchmark whose figures scripts/reliability.sh renders, not a CI gate"
+        "issue 14: measured on the 2-core CI-sized machine with 20 s phases, the full mix gives "
+        "2.2-3.4x the idle p99 from run to run (bombs alone 1.5-2.3x, huge-count alone 2x): the "
+        "attackers, the measuring client and the server share two cores, and grpc's receive path "
+        "holds the GIL for milliseconds per multi-MiB message; a benchmark whose figures "
+        "scripts/reliability.sh renders, not a CI gate"
     ),
 )
 async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
@@ -249,7 +254,7 @@ async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
         "command": f"LIVENESS_SECONDS={SECONDS:g} pytest -m slow tests/reliability/test_liveness.py -s",
     }
     kit.write_figures("liveness", figures)
-    assert attack_p99 <= 3 * max(idle_p99, 0.05), figures
+    assert attack_p99 <= 3 * idle_p99, figures
     assert health and max(health) < 1.0, figures
     assert exit_s <= GRACE + 5, figures
     assert code == 0, figures

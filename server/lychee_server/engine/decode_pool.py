@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 _MODULE = "lychee_server.engine.decode_pool"
 # Native libraries in the worker must not start thread pools of their own (one image, one core).
-_NICE = 10  # decoder processes run at a lower CPU priority than the server
+_NICE = 19  # decoders: the lowest CPU priority (batch work; the server's threads come first)
 _STARTUP_S = 60.0  # a worker's interpreter must boot within this (it takes ~0.1 s)
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
