@@ -168,3 +168,16 @@ def test_worker_recycled_after_a_large_decode() -> None:
         assert pool.started == 2
     finally:
         pool.close()
+
+
+def test_decoders_run_at_the_lowest_cpu_priority(pool: DecodePool) -> None:
+    """Decoding is batch work: at nice 19 a flood of large images cannot take the CPU from the
+    server's own threads (text requests, the device loop, health) - issue 14's liveness."""
+    import os
+
+    pool.decode(ImageInput(encode(pattern(64, 48)), MediaType.PNG))
+    with pool._cond:
+        workers = list(pool._idle)
+    assert workers
+    for worker in workers:
+        assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == 19
