@@ -24,7 +24,7 @@ def test_oom_frees_the_failed_attempt_before_the_caller_retries(tiny_engine, mon
         held.append(weakref.ref(activations))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(tiny_engine, "_forward", forward)
+    monkeypatch.setattr(tiny_engine, "_forward_steps", forward)
     try:
         # The scheduler splits and retries while it still holds the error (inside its handler): by
         # then nothing may keep the failed attempt's tensors alive.

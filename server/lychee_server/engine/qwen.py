@@ -905,8 +905,10 @@ class QwenRerankEngine:
         return out
 
     def score(self, pairs: Sequence[QwenPreparedPair]) -> list[float]:
-        return run_steps(self._score_guarded(pairs))
+        with torch.inference_mode():  # once around the whole call, not at every step
+            return run_steps(self._score_guarded(pairs))
 
+    @torch.inference_mode()  # on a generator: entered at each resume (a paused batch is resumed later)
     def score_steps(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
         """:meth:`score`, pausing at each preemption point (``engine.interface``): after each vision
         block and full-attention query chunk, each decoder attention and MLP, each batch's prefix.
@@ -920,7 +922,6 @@ class QwenRerankEngine:
             return (yield from steps)
         return (yield from paced(steps, _RUN_AHEAD, _cuda_event))
 
-    @torch.inference_mode()
     def _score_guarded(self, pairs: Sequence[QwenPreparedPair]) -> Generator[None, None, list[float]]:
         oom = ""
         try:
