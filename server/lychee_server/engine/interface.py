@@ -15,7 +15,8 @@ Engines that can pause between bounded pieces of device work also offer ``score_
 generator doing exactly what ``score`` does, yielding at each preemption point (between vision
 blocks, attention query chunks, decoder half-layers) and returning the scores. The scheduler runs
 decode-heavy batches through it so that a small text batch can run at a pause instead of waiting for
-the whole heavy batch; ``score`` is ``run_steps(score_steps(...))``, one code path for both.
+the whole heavy batch. ``score`` runs the same steps without pausing (``run_steps``): one code
+path for both, so the golden tests cover the stepped scores too.
 
 ``release`` is called once when a request is finished (or abandoned) so the engine can drop
 per-request state (a cached prefix KV, say). Engines raise ``lychee_server.errors`` types:
