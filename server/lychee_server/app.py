@@ -130,6 +130,9 @@ def _tls_credentials(s: Settings) -> grpc.ServerCredentials:
     )
 
 
+_STREAM_WINDOW_BYTES = 1 << 20  # per-stream HTTP/2 receive window (see the server options)
+
+
 def _connection_age_options(s: Settings) -> list[tuple[str, int]]:
     """``max_connection_age``: the server ends each connection (GOAWAY) after this long, so clients
     that balance with round_robin over DNS re-resolve and reach replicas added since they
@@ -207,6 +210,13 @@ class LycheeServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                # What one stream may have in flight before the application reads it: a fixed
+                # window. With grpc's default bandwidth-delay probe the window grows on fast
+                # links, and token-less callers could make the server hold several MiB each
+                # before auth rejects them (+190 MiB for 32 x 15 MiB calls on a CI machine);
+                # fixed at 1 MiB: +7-8 MiB, with no loss on loopback for a 15 MiB call.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", _STREAM_WINDOW_BYTES),
                 ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
                 # Calls grpc core holds before the application takes them: past the soft limit it
                 # drops calls at random with a bare CANCELLED (from 1,000 by default), before
