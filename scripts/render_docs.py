@@ -902,7 +902,14 @@ def render_reliability(v: Fmt, data: Path = REL) -> str:
             "attack p99 by three times the idle p99 (the issue's bound), the health "
             "latency, and the exit time after SIGTERM; see `tests/reliability/test_liveness.py`. What holds "
             "the line: documents counted from the field tags (refused past max_documents before the full "
-            "parse), size refusals answered after `oversize_refusal_delay_s`, image decodes in killable "
+            "parse), size refusals answered after `oversize_refusal_delay_s`, a budget of refused bytes "
+            "per caller (API key, else address; here each side has its own key): past "
+            f"{v(live.get('refused_bytes_burst_mib', 'refused_bytes_burst'))} MiB of refused requests, "
+            "less what is forgiven at "
+            f"{v(live.get('refused_bytes_per_s_mib', 'refused_bytes_per_s'))} MiB/s, a caller's next "
+            "calls are answered RESOURCE_EXHAUSTED / RATE_LIMITED before their body is read "
+            f"({v((live['hostile'] or {}).get('huge_count_refused_unread', 'not counted'))} of the "
+            "huge-count requests above), image decodes in killable "
             "worker processes at the lowest CPU priority on their own threads, stalled streams ended by "
             "`stream_idle_timeout_s` within "
             "the server-wide `max_buffered_bytes`, text pairs in a device lane of their own, and image "
@@ -914,9 +921,10 @@ def render_reliability(v: Fmt, data: Path = REL) -> str:
             "attack's CPU use shows in the normal requests' latency; the attackers' process runs at nice "
             f"{v(live.get('attacker_nice', 0))} (an attacker elsewhere on the network takes no CPU from "
             "the server; the server's side of each hostile call runs at its normal priority). What "
-            "remains: each message declaring millions of documents is many MiB that grpc's receive path "
-            "hands over on the event loop with the GIL held (milliseconds per message, seen with "
-            "`py-spy record --gil`), before any of our code runs.",
+            "remains: the messages a caller sends before its budget runs out (and those the forgiving rate "
+            "lets through) are many MiB each that grpc's receive path hands over on the event loop "
+            "with the GIL held (milliseconds per message, seen with `py-spy record --gil` and "
+            "`scripts/grpc_receive_stall.py`), before any of our code runs.",
         ]
     if load:
         L += [

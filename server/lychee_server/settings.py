@@ -127,6 +127,19 @@ class Settings(BaseSettings):
         description="A request refused for exceeding a size or count limit is answered after this "
         "delay: a caller re-sending such requests in a loop is slowed down, a legitimate one loses it once.",
     )
+    refused_bytes_burst: int = Field(
+        256 * MiB,
+        ge=1 * MiB,
+        description="Bytes of refused (INVALID_ARGUMENT) requests one caller (API key, else address) "
+        "may make the server receive before its next calls are refused unread "
+        "(RESOURCE_EXHAUSTED / RATE_LIMITED).",
+    )
+    refused_bytes_per_s: float = Field(
+        4 * MiB,
+        ge=0,
+        description="How fast a caller's refused bytes are forgiven "
+        "(bytes per second; 0 = no per-caller limit).",
+    )
     max_concurrent_calls: int = Field(
         1024, ge=1, description="Calls handled at once; past it RESOURCE_EXHAUSTED + RetryInfo at once."
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pool
 
 from lychee_server import errors
 from lychee_server.edge.status import to_status
@@ -114,16 +115,28 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
             self._metrics.requests.labels(
                 method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name, "grpc"
             ).inc()
-        return _rejecting(handler, rejection(token))
+        return _rejecting(handler, rejection(token), client_streaming(method, handler))
 
 
 _UNAUTHENTICATED_DISCARD_BYTES = 256 * 1024
 
 
-def _rejecting(handler: _Handler, err: errors.LycheeError) -> _Handler:
+def client_streaming(method: str, handler: _Handler) -> bool:
+    """Whether the contract declares ``/package.Service/Method`` client-streaming. The server may
+    register a contract-unary method request-streaming (``service.add_to_server`` does, so that
+    the body stays unread until the call is admitted), so the handler alone cannot say."""
+    try:
+        found = descriptor_pool.Default().FindMethodByName(method.strip("/").replace("/", "."))
+    except KeyError:
+        return bool(handler.request_streaming)
+    return bool(found.client_streaming)
+
+
+def _rejecting(handler: _Handler, err: errors.LycheeError, read_some: bool) -> _Handler:
     """A handler that aborts with ``err`` without parsing anything the caller sent.
 
-    It is always *request-streaming*, also for a unary method: for a unary handler grpc reads and
+    ``read_some``: the method is client-streaming in the contract (see below). The handler is
+    always *request-streaming*, also for a unary method: for a unary handler grpc reads and
     buffers the whole request message (up to ``max_receive_message_length``) before the handler
     runs, so unauthenticated callers could make the server hold a full-size message each. On the
     wire a unary call and a client stream look the same, so the caller cannot tell; a streaming
@@ -133,7 +146,6 @@ def _rejecting(handler: _Handler, err: errors.LycheeError) -> _Handler:
     window set in ``app.py``; grpc's default bandwidth-delay probe let that reach 190 MiB).
     """
     status = to_status(err)
-    read_some = handler.request_streaming
 
     async def reject(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if read_some:

@@ -11,6 +11,9 @@ and drained together. The gate owns
 * the per-call metrics (``lychee_requests_total{method,code,transport}``) and the one log line;
 * server-wide admission before any work: ``max_concurrent_calls`` (:meth:`Gate.admit`) and the
   ``max_buffered_bytes`` budget of request payload held in memory (:meth:`Gate.hold`);
+* the per-caller budget of refused bytes (:class:`RefusalLedger`): a caller whose invalid or
+  oversized requests made the server receive more than ``refused_bytes_burst`` (leaking at
+  ``refused_bytes_per_s``) is refused before its next request body is read (:meth:`Gate.admit`);
 * the last checks before work reaches the scheduler (:meth:`Gate.score`): the loaded model must
   accept the job's modalities (FAILED_PRECONDITION otherwise);
 * the call's trace when tracing is on (:mod:`lychee_server.tracing`): the ``rerank`` span, child
@@ -48,7 +51,9 @@ __all__ = [
     "BufferHold",
     "Call",
     "Gate",
+    "RefusalLedger",
     "ServingState",
+    "caller_key",
     "check_modalities",
     "request_id_from",
 ]
@@ -60,6 +65,7 @@ _NO_SPAN: AbstractContextManager[Any] = contextlib.nullcontext()
 
 OVERSIZE_REASONS = frozenset({"TOO_MANY_DOCUMENTS", "REQUEST_TOO_LARGE", "RESPONSE_TOO_LARGE"})
 """Refusals answered after ``oversize_refusal_delay_s`` (see :meth:`Gate.pause_refusal`)."""
+_PAUSED_REASONS = OVERSIZE_REASONS | {"RATE_LIMITED"}
 
 
 class ServingState(enum.Enum):
@@ -86,6 +92,7 @@ class Call:
     transport: str
     peer: str = ""
     tenant: str = ""  # whose per-tenant state the call may use (a hash of its API key; "" = shared)
+    received_bytes: int = 0  # request payload the door has received so far (charged if refused)
     pairs: int = 0
     code: str = "OK"  # the gRPC status code name, on both doors (one vocabulary for dashboards)
     trace: CallTrace | None = None  # None when tracing is off
@@ -173,6 +180,85 @@ class BufferHold:
         self.held = 0
 
 
+def caller_key(call: Call) -> str:
+    """Who a call's refused bytes are charged to: its tenant (API key) when the server checks
+    keys, else its peer's address without the port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``)."""
+    if call.tenant:
+        return "tenant:" + call.tenant
+    peer = call.peer
+    head, sep, port = peer.rpartition(":")
+    return head if sep and port.isdigit() and head not in ("", "ipv4", "ipv6") else peer
+
+
+class RefusalLedger:
+    """Bytes of refused requests per caller, as a leaky bucket (event-loop thread only).
+
+    Every request the server refuses as the caller's fault (INVALID_ARGUMENT: too many documents,
+    too large, unparsable, bad UTF-8 ...) has already cost the server its bytes: a multi-MiB
+    message is copied into the process with the GIL held before any application code sees it. So
+    each refusal is charged its received bytes to the caller (:func:`caller_key`); the charge
+    leaks away at ``rate`` bytes per second. While a caller's level is over ``burst``, its calls
+    are refused *before their body is read* (RESOURCE_EXHAUSTED / RATE_LIMITED with RetryInfo
+    saying when the level is back under ``burst``), so a flood of hostile multi-MiB messages
+    costs the server a refusal each, not a copy each. Callers that send valid requests are never
+    charged; ``rate`` 0 turns the ledger off. At most ``max_callers`` levels are kept (the
+    emptiest are dropped first), so the table cannot grow without bound.
+    """
+
+    def __init__(
+        self,
+        burst: float,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_callers: int = 4096,
+    ) -> None:
+        self.burst = burst
+        self.rate = rate
+        self._clock = clock
+        self._max = max_callers
+        self._levels: dict[str, tuple[float, float]] = {}  # key -> (level, when)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def level(self, key: str) -> float:
+        entry = self._levels.get(key)
+        if entry is None:
+            return 0.0
+        level, when = entry
+        return max(0.0, level - (self._clock() - when) * self.rate)
+
+    def charge(self, key: str, nbytes: int) -> None:
+        if not self.enabled or nbytes <= 0:
+            return
+        level = self.level(key) + nbytes
+        self._levels.pop(key, None)  # re-inserted last: the dict stays in charge order
+        self._levels[key] = (level, self._clock())
+        if len(self._levels) > self._max:
+            self._prune()
+
+    def retry_after(self, key: str) -> float | None:
+        """Seconds until ``key`` is under its budget again; None when it is under it now."""
+        if not self.enabled or key not in self._levels:
+            return None
+        level = self.level(key)
+        if level <= self.burst:
+            if level == 0.0:
+                del self._levels[key]
+            return None
+        return (level - self.burst) / self.rate
+
+    def _prune(self) -> None:
+        now_levels = sorted(self._levels, key=self.level)
+        for key in now_levels[: len(self._levels) - self._max]:
+            del self._levels[key]
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+
 class Gate:
     """Serving state, call accounting and the hand-off to the scheduler, shared by both doors."""
 
@@ -183,6 +269,7 @@ class Gate:
         self._settings = settings if settings is not None else Settings()
         self._tracing = tracing
         self.buffered = BufferBudget(self._settings.max_buffered_bytes, self._settings.retry_after_s)
+        self.refusals = RefusalLedger(self._settings.refused_bytes_burst, self._settings.refused_bytes_per_s)
         self.authenticated = bool(self._settings.all_api_keys())
         """Whether callers present API keys (then each key is its own tenant)."""
         self.state = ServingState.LOADING
@@ -241,9 +328,11 @@ class Gate:
             return False
         return True
 
-    def admit(self) -> None:
+    def admit(self, call: Call | None = None) -> None:
         """Refuse a call past ``max_concurrent_calls`` (counted across both doors, this call
-        included): RESOURCE_EXHAUSTED / OVERLOADED with a retry delay, before any work."""
+        included): RESOURCE_EXHAUSTED / OVERLOADED with a retry delay, before any work; and a
+        ``call`` whose caller is over its budget of refused bytes (:class:`RefusalLedger`):
+        RESOURCE_EXHAUSTED / RATE_LIMITED, before its body is read."""
         limit = self._settings.max_concurrent_calls
         if self._active > limit:
             self._metrics.rejected.labels("max_concurrent_calls").inc()
@@ -252,14 +341,33 @@ class Gate:
                 reason="OVERLOADED",
                 retry_after=self._settings.retry_after_s,
             )
+        if call is not None and self.refusals.enabled:
+            wait = self.refusals.retry_after(caller_key(call))
+            if wait is not None:
+                self._metrics.rejected.labels("RATE_LIMITED").inc()
+                raise errors.ResourceExhausted(
+                    f"this caller's refused requests came to more than {self.refusals.burst:.0f} bytes "
+                    f"(refused_bytes_burst, leaking at {self.refusals.rate:.0f} bytes/s): "
+                    "send valid requests and retry after the delay",
+                    reason="RATE_LIMITED",
+                    retry_after=max(wait, self._settings.retry_after_s),
+                )
 
-    async def pause_refusal(self, exc: BaseException) -> None:
-        """Hold the answer to a request refused for its size (``OVERSIZE_REASONS``) for
-        ``oversize_refusal_delay_s``: the server has already paid to receive it, and a caller that
-        re-sends one in a loop (a flood of multi-MiB messages) is slowed down without using CPU."""
+    async def pause_refusal(self, exc: BaseException, call: Call | None = None) -> None:
+        """Charge a refused ``call``'s received bytes to its caller when the refusal is the
+        caller's fault (INVALID_ARGUMENT; see :class:`RefusalLedger`), then hold the answer to a
+        request refused for its size (``OVERSIZE_REASONS``) or for its caller's refused bytes
+        (RATE_LIMITED) for ``oversize_refusal_delay_s``: the server has already paid to receive
+        it, and a caller that re-sends one in a loop (a flood of multi-MiB messages) is slowed
+        down without using CPU."""
+        if not isinstance(exc, errors.LycheeError):
+            return
+        if call is not None and isinstance(exc, errors.InvalidInput):
+            self.refusals.charge(caller_key(call), call.received_bytes)
         delay = self._settings.oversize_refusal_delay_s
-        if delay > 0 and isinstance(exc, errors.LycheeError) and exc.reason in OVERSIZE_REASONS:
-            self._metrics.rejected.labels(exc.reason).inc()
+        if delay > 0 and exc.reason in _PAUSED_REASONS:
+            if exc.reason in OVERSIZE_REASONS:
+                self._metrics.rejected.labels(exc.reason).inc()
             await asyncio.sleep(delay)
 
     def hold(self) -> BufferHold:

@@ -111,8 +111,12 @@ class RerankService(pb_grpc.RerankServiceServicer):
         self._version = version
 
     # ------------------------------------------------------------------ RPCs
-    async def Rerank(self, request: pb.RerankRequest | bytes, context: Context) -> pb.RerankResponse:
-        return await self._serve("Rerank", context, lambda call: self._rerank(request, context, call))
+    async def Rerank(  # type: ignore[override]  # registered request-streaming (see add_to_server)
+        self, request_iterator: AsyncIterator[bytes], context: Context
+    ) -> pb.RerankResponse:
+        return await self._serve(
+            "Rerank", context, lambda call: self._rerank(request_iterator, context, call)
+        )
 
     async def RerankStream(
         self, request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes], context: Context
@@ -121,11 +125,13 @@ class RerankService(pb_grpc.RerankServiceServicer):
             "RerankStream", context, lambda call: self._rerank_stream(request_iterator, context, call)
         )
 
-    async def RerankWithProgress(  # type: ignore[override]  # grpc.aio: writes via context.write
-        self, request: pb.RerankWithProgressRequest | bytes, context: Context
+    async def RerankWithProgress(  # type: ignore[override]  # request-streaming; writes via context.write
+        self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> None:
         await self._serve(
-            "RerankWithProgress", context, lambda call: self._rerank_with_progress(request, context, call)
+            "RerankWithProgress",
+            context,
+            lambda call: self._rerank_with_progress(request_iterator, context, call),
         )
 
     async def GetServerInfo(
@@ -135,13 +141,14 @@ class RerankService(pb_grpc.RerankServiceServicer):
 
     # ------------------------------------------------------------------ bodies
     async def _rerank(
-        self, request: pb.RerankRequest | bytes, context: Context, call: Call
+        self, request_iterator: AsyncIterator[bytes], context: Context, call: Call
     ) -> pb.RerankResponse:
         t0 = time.monotonic()
         self._gate.require_serving()
-        call.note(request_bytes=_size(request))
+        request = await _only_message(request_iterator, call)
+        call.note(request_bytes=len(request))
         with call.span("validate"):
-            if _size(request) > _INLINE_PARSE_BYTES:
+            if len(request) > _INLINE_PARSE_BYTES:
                 job = await _off_loop(self._parse, request, call.request_id)
             else:
                 job = self._parse(request, call.request_id)
@@ -151,11 +158,12 @@ class RerankService(pb_grpc.RerankServiceServicer):
         )
 
     async def _rerank_with_progress(
-        self, request: pb.RerankWithProgressRequest | bytes, context: Context, call: Call
+        self, request_iterator: AsyncIterator[bytes], context: Context, call: Call
     ) -> None:
         t0 = time.monotonic()
         self._gate.require_serving()
-        call.note(request_bytes=_size(request))
+        request = await _only_message(request_iterator, call)
+        call.note(request_bytes=len(request))
         with call.span("validate"):
             inner = codec.inner_request(request, request_id=call.request_id)
             if _size(inner) > _INLINE_PARSE_BYTES:
@@ -208,7 +216,7 @@ class RerankService(pb_grpc.RerankServiceServicer):
             try:
                 self._gate.require_serving()
                 assembler = StreamAssembler(self._settings, call.request_id)
-                await self._receive(request_iterator, assembler, hold, call.request_id)
+                await self._receive(request_iterator, assembler, hold, call)
                 ended = True
                 job = assembler.finish()
             except errors.DeadlineExceeded:
@@ -254,15 +262,17 @@ class RerankService(pb_grpc.RerankServiceServicer):
         request_iterator: AsyncIterator[pb.RerankStreamRequest | bytes],
         assembler: StreamAssembler,
         hold: BufferHold,
-        request_id: str,
+        call: Call,
     ) -> None:
         """Feed every message to ``assembler``; bounded in idle time and in server-wide bytes."""
+        request_id = call.request_id
         idle = self._settings.stream_idle_timeout_s
         loop = asyncio.get_running_loop()
         index = 0
         try:
             async with asyncio.timeout(idle) as timer:
                 async for raw in request_iterator:
+                    call.received_bytes += _size(raw)
                     if _size(raw) > _INLINE_PARSE_BYTES:
                         msg = await _off_loop(codec.decode_stream_request, raw, index, request_id)
                     else:
@@ -313,7 +323,7 @@ class RerankService(pb_grpc.RerankServiceServicer):
             id_metadata = ((REQUEST_ID_KEY, call.request_id),)
             try:
                 await context.send_initial_metadata(id_metadata)
-                self._gate.admit()
+                self._gate.admit(call)  # before the body is read (see add_to_server)
                 result = await body(call)
                 context.set_trailing_metadata(id_metadata)
                 return result
@@ -323,7 +333,7 @@ class RerankService(pb_grpc.RerankServiceServicer):
             except Exception as exc:
                 status = status_for_exception(exc, request_id=call.request_id)
                 call.code = status.code.name
-                await self._gate.pause_refusal(exc)
+                await self._gate.pause_refusal(exc, call)
                 await context.abort(
                     status.code, status.details, tuple(status.trailing_metadata) + id_metadata
                 )
@@ -334,11 +344,28 @@ def _passthrough(data: bytes) -> bytes:
     return data
 
 
+async def _only_message(request_iterator: AsyncIterator[bytes], call: Call) -> bytes:
+    """The one request message of a method that is unary in the contract (registered
+    request-streaming, see :func:`add_to_server`); what comes after it is not read."""
+    async for message in request_iterator:
+        call.received_bytes = len(message)
+        return message
+    raise errors.InvalidInput("the call ended without a request message", reason="FIELD_REQUIRED")
+
+
 def add_to_server(service: RerankService, server: grpc.aio.Server) -> None:
     """Register ``service``; every method gets raw bytes and decodes them itself (so bytes that do
-    not parse are INVALID_ARGUMENT with ErrorInfo, never grpc's UNKNOWN with the parser's text)."""
+    not parse are INVALID_ARGUMENT with ErrorInfo, never grpc's UNKNOWN with the parser's text).
+
+    ``Rerank`` and ``RerankWithProgress`` are unary in the contract but registered
+    request-streaming here: for a unary handler grpc receives and copies the whole message (up to
+    ``max_message_bytes``, with the GIL held on the event loop) before any of our code runs; a
+    streaming handler runs when the headers arrive, so :meth:`Gate.admit` can refuse a caller
+    over its budget of refused bytes (RATE_LIMITED) with the body still unread in HTTP/2 flow
+    control. On the wire the two are the same: a unary client sends one message and half-closes.
+    """
     handlers = {
-        "Rerank": grpc.unary_unary_rpc_method_handler(
+        "Rerank": grpc.stream_unary_rpc_method_handler(
             service.Rerank,
             request_deserializer=_passthrough,
             response_serializer=pb.RerankResponse.SerializeToString,
@@ -348,7 +375,7 @@ def add_to_server(service: RerankService, server: grpc.aio.Server) -> None:
             request_deserializer=_passthrough,
             response_serializer=pb.RerankStreamResponse.SerializeToString,
         ),
-        "RerankWithProgress": grpc.unary_stream_rpc_method_handler(
+        "RerankWithProgress": grpc.stream_stream_rpc_method_handler(
             service.RerankWithProgress,
             request_deserializer=_passthrough,
             response_serializer=pb.RerankWithProgressResponse.SerializeToString,

@@ -135,8 +135,9 @@ class AuthenticationError(LycheeError):
 
 
 class OverloadedError(LycheeError):
-    """RESOURCE_EXHAUSTED: the server is at capacity (``reason == "OVERLOADED"``, retryable
-    after ``retry_delay``) or the request exceeds a size limit (any other reason)."""
+    """RESOURCE_EXHAUSTED: the server is at capacity (``reason == "OVERLOADED"``) or this
+    caller's refused requests are over its budget (``"RATE_LIMITED"``), both retryable after
+    ``retry_delay``; or the request exceeds a size limit (any other reason)."""
 
 
 class UnavailableError(LycheeError):

@@ -188,6 +188,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """HTTP door: an image URL could not be fetched (status, size, time or redirect limits)."""
     ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 39
     """HTTP door: no such route (NOT_FOUND) or method (METHOD_NOT_ALLOWED)."""
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 40
+    """This caller's refused requests (INVALID_ARGUMENT) made the server receive more bytes than
+    its budget allows; the call was refused before its body was read. Send valid requests and
+    retry after RetryInfo.retry_delay (RESOURCE_EXHAUSTED; HTTP 429).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every google.rpc.ErrorInfo.reason the service returns. The reason
@@ -280,6 +285,11 @@ ERROR_REASON_IMAGE_FETCH_FAILED: ErrorReason.ValueType  # 38
 """HTTP door: an image URL could not be fetched (status, size, time or redirect limits)."""
 ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 39
 """HTTP door: no such route (NOT_FOUND) or method (METHOD_NOT_ALLOWED)."""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 40
+"""This caller's refused requests (INVALID_ARGUMENT) made the server receive more bytes than
+its budget allows; the call was refused before its body was read. Send valid requests and
+retry after RetryInfo.retry_delay (RESOURCE_EXHAUSTED; HTTP 429).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 class _ProgressPhase:

@@ -209,14 +209,14 @@ class HttpDoor:
         call = stack.enter_context(self.gate.call(method, TRANSPORT, request_id, peer, tenant, headers))
         try:
             try:
-                self.gate.admit()
+                self.gate.admit(call)  # before the body is read
                 response = await body(call)
             except _ClientGone:
                 call.code = "CANCELLED"
                 return Response(status_code=499)  # nobody reads it; for the access log only
             except Exception as exc:
                 response, call.code = _error_response(exc, call.request_id)
-                await self.gate.pause_refusal(exc)
+                await self.gate.pause_refusal(exc, call)
                 return response
             response.headers[REQUEST_ID_KEY] = call.request_id
             if isinstance(response, _EventStream):
@@ -225,7 +225,9 @@ class HttpDoor:
         finally:
             stack.close()
 
-    async def _read_body(self, request: Request, deadline: float | None, hold: BufferHold) -> bytes:
+    async def _read_body(
+        self, request: Request, deadline: float | None, hold: BufferHold, call: Call
+    ) -> bytes:
         """The body, refused with 413 past the limit (by Content-Length before reading, else as the
         bytes arrive), with 429 past the server-wide payload budget (``hold``), and with 504 when
         it stalls for ``stream_idle_timeout_s`` or outlives the deadline."""
@@ -259,6 +261,7 @@ class HttpDoor:
                     "or outlived the deadline"
                 ) from None
             size += len(chunk)
+            call.received_bytes = size
             if size > limit:
                 raise too_large
             if size > hold.held:
@@ -354,7 +357,7 @@ class HttpDoor:
         self, request: Request, model: type[_M], deadline: float | None, call: Call, hold: BufferHold
     ) -> tuple[_M, int]:
         self.gate.require_serving()  # refuse before reading a body the server cannot use
-        body = await self._read_body(request, deadline, hold)
+        body = await self._read_body(request, deadline, hold, call)
         parsed = await self._off_loop(
             len(body), lambda: jsoncodec.parse(body, model, request_id=call.request_id)
         )
