@@ -891,12 +891,25 @@ def render_reliability(v: Fmt, data: Path = REL) -> str:
             "## Liveness under attack",
             "",
             f"The server runs as a subprocess (grace period {v(live['grace_period_s'])} s, a short "
-            "`LYCHEE_STREAM_IDLE_TIMEOUT_S`). A stream of normal text-only requests is timed idle "
-            f"({v(live['idle_ms']['n'])} requests), then for {v(live['seconds_per_phase'])} s while hostile "
-            "callers run in a process of their own: requests declaring millions of documents, large "
+            "`LYCHEE_STREAM_IDLE_TIMEOUT_S`). A stream of normal text-only requests is timed in "
+            f"alternating windows of {v(live.get('window_s'))} s, idle and under attack "
+            f"({v(len(live.get('rounds') or []))} rounds, {v(live['seconds_per_phase'])} s of each in all, "
+            "so that the shared machine's drift in speed weighs on both figures alike; each round's "
+            "attacker is a new process with the same API key (so it finds the budget of refused bytes as "
+            "the last one left it, less what was forgiven), and before the next idle window the "
+            "server's metrics must show "
+            "no request left in it: at most "
+            f"{v(live.get('settle_s_max'))} s of waiting). Idle requests timed: "
+            f"{v(live['idle_ms']['n'])}. The hostile callers run in a process of their own: requests "
+            "declaring millions of documents, large "
             "progressive JPEGs (each one different bytes, so no cache helps: every one is decoded and "
             "runs the vision tower), streams that stall half-way through an item; health is checked "
-            f"throughout ({v(live['health_checks'])} checks). Hostile requests sent: "
+            f"throughout ({v(live['health_checks'])} checks). The p99 per round, idle -> under attack "
+            "(ms): "
+            + "; ".join(
+                f"{v(r.get('idle_p99_ms'))} -> {v(r.get('attack_p99_ms'))}" for r in live.get("rounds") or []
+            )
+            + ". Hostile requests sent: "
             f"{_cell(v(live['hostile']))}; "
             f"normal requests timed under attack: {v(live['attack_ms']['n'])}. The test bounds the "
             "attack p99 by three times the idle p99 (the issue's bound), the health "
