@@ -23,7 +23,8 @@ within grace + 5 s. Figures
 go to ``build/reliability/liveness.json`` (``scripts/reliability.sh`` renders them).
 
 Default run: ``LIVENESS_SECONDS`` (5) per phase, one window each, so the test stays short; the
-benchmark in the report uses ``LIVENESS_SECONDS=20`` (four rounds). Marked ``slow``: ``pytest -m slow tests/reliability/test_liveness.py``.
+benchmark in the report uses ``LIVENESS_SECONDS=20`` (four rounds). Marked ``slow``:
+``pytest -m slow tests/reliability/test_liveness.py``.
 """
 
 from __future__ import annotations
