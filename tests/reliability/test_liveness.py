@@ -22,8 +22,8 @@ Targets (the issue's): attack p99 <= 3 x idle p99, every health check answered w
 within grace + 5 s. Figures
 go to ``build/reliability/liveness.json`` (``scripts/reliability.sh`` renders them).
 
-Default run: ``LIVENESS_SECONDS`` (5) per phase, one window each, so the test stays short; the
-benchmark in the report uses ``LIVENESS_SECONDS=20`` (four rounds). Marked ``slow``:
+Default run: ``LIVENESS_SECONDS`` (20) per phase, four rounds: CI runs the benchmark the report
+renders (about 70 s); ``LIVENESS_SECONDS=5`` is one short round. Marked ``slow``:
 ``pytest -m slow tests/reliability/test_liveness.py``.
 """
 
@@ -53,7 +53,7 @@ from lychee_server.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MiB = 1024 * 1024
-SECONDS = float(os.environ.get("LIVENESS_SECONDS", "5"))
+SECONDS = float(os.environ.get("LIVENESS_SECONDS", "20"))
 # The phases alternate in windows of at most WINDOW seconds (idle, attack, idle, attack, ...), so a
 # shared machine's drift in speed over the run weighs on both figures alike.
 WINDOW = min(SECONDS, float(os.environ.get("LIVENESS_WINDOW", "5")))
@@ -220,11 +220,12 @@ async def _settled(kit: Any, metrics_url: str, deadline_s: float = 15.0) -> floa
 @pytest.mark.xfail(
     strict=False,
     reason=(
-        "issue 14: measured on the 2-core CI-sized machines with 20 s phases, the full mix gives "
-        "2.2-3.7x the idle p99 from run to run (bombs alone 1.3-2.3x, huge-count alone 1.1-2x): the "
-        "attackers, the measuring client and the server share two cores, and grpc's receive path "
-        "holds the GIL for milliseconds per multi-MiB message; a benchmark whose figures "
-        "scripts/reliability.sh renders, not a CI gate"
+        "issue 14: a benchmark on a shared 2-core machine, not a CI gate. Measured there with "
+        "four alternating 5 s windows: 1.4-2.2x the idle p99 (attack p99 37-41 ms); one 20 s "
+        "window each: 2.1-3.7x; one 5 s window on a machine busy with the CI suite: 3.1-3.8x. "
+        "The attackers, the measuring client and the server share the cores, and grpc's receive "
+        "path holds the GIL for milliseconds per multi-MiB message; the figures are what "
+        "scripts/reliability.sh renders"
     ),
 )
 async def test_liveness_under_attack(tiny_checkpoint: Path, kit: Any) -> None:
