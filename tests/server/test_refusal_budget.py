@@ -49,10 +49,12 @@ def test_the_ledger_leaks_and_says_when_a_caller_is_under_budget_again() -> None
 
 def test_the_ledger_is_bounded_and_can_be_turned_off() -> None:
     clock = Clock()
-    ledger = RefusalLedger(burst=10, rate=1, clock=clock, max_callers=3)
-    for i, n in enumerate((50, 40, 30, 20)):
+    ledger = RefusalLedger(burst=10, rate=1, clock=clock, max_callers=4)
+    for i, n in enumerate((50, 40, 30, 20, 60)):
         ledger.charge(f"c{i}", n)
-    assert len(ledger) == 3 and ledger.level("c3") == 0.0  # the emptiest was dropped
+    # Past the bound the emptiest go, down to three quarters of it: c3 (20) and c2 (30).
+    assert len(ledger) == 3 and ledger.level("c3") == ledger.level("c2") == 0.0
+    assert [ledger.level(k) for k in ("c0", "c1", "c4")] == [50, 40, 60]
     off = RefusalLedger(burst=10, rate=0, clock=clock)
     off.charge("x", 10**9)
     assert not off.enabled and off.retry_after("x") is None and len(off) == 0
